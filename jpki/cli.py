@@ -1,0 +1,19 @@
+"""The ``jpki`` command line: one group, one module a command family."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="jpki-mobile")
+def main() -> None:
+    """jpki-mobile: JPKI certificates on a smartphone's secure element."""
+
+
+@main.group()
+def bench() -> None:
+    """Reproducible benchmarks (figures printed with the machine they ran on)."""
+
+
+# Command families register below, one line each.
