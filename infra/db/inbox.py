@@ -1,0 +1,196 @@
+"""Inbox de-duplication and the transactional consumer every service uses.
+
+A message's effect, its inbox row and the messages it causes (outbox) commit in one
+transaction; the delivery is acked only after that commit. A redelivery (crash before the
+ack, a duplicate from the broker or a publisher that published twice) finds its id in the
+inbox and is acked without running the effect again.
+
+Two ways in:
+
+- ``handle_idempotently(db, message, effect)`` for one message;
+- ``InboxConsumer(db, transport, queue, handle_batch, relay=relay)``: consumes a queue and
+  runs each *batch* of deliveries that arrived meanwhile in one transaction (group commit:
+  one fsync for many messages). ``handle_batch(conn, messages)`` returns the messages to
+  send. If a batch fails, its messages are retried one by one so that one bad message
+  cannot hold up the others; a message that keeps failing reaches the queue's delivery
+  limit and is parked. An undecodable message is parked at once with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import structlog
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from infra.db.database import Database
+from infra.db.messaging import inbox
+from infra.db.outbox import OutboxRelay, add_to_outbox
+from infra.transport.base import Delivery, Outgoing, Subscription, Transport
+from protocol.envelope import InvalidMessage, Message, decode
+from protocol.errors import Disposition, JpkiError
+
+log = structlog.get_logger(__name__)
+
+Effect = Callable[[AsyncConnection, Message], Awaitable[Sequence[Outgoing]]]
+BatchEffect = Callable[[AsyncConnection, list[Message]], Awaitable[Sequence[Outgoing]]]
+
+
+async def claim_inbox(
+    conn: AsyncConnection, message_ids: Sequence[str], *, now: float | None = None
+) -> set[str]:
+    """Record ``message_ids`` as handled; returns those not seen before."""
+    if not message_ids:
+        return set()
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    received = time.time() if now is None else now
+    statement = (
+        dialect.insert(inbox)
+        .values([{"message_id": m, "received_at": received} for m in dict.fromkeys(message_ids)])
+        .on_conflict_do_nothing(index_elements=["message_id"])
+        .returning(inbox.c.message_id)
+    )
+    return set((await conn.execute(statement)).scalars())
+
+
+async def handle_idempotently(
+    db: Database,
+    message: Message,
+    effect: Effect,
+    *,
+    relay: OutboxRelay | None = None,
+    now: float | None = None,
+) -> bool:
+    """Run ``effect`` once per message id; returns False for an already handled message."""
+    async with db.transaction() as conn:
+        if not await claim_inbox(conn, [message.envelope.message_id], now=now):
+            return False
+        await add_to_outbox(conn, await effect(conn, message), now=now)
+    if relay is not None:
+        relay.wake()
+    return True
+
+
+class InboxConsumer:
+    def __init__(
+        self,
+        db: Database,
+        transport: Transport,
+        queue: str,
+        handle_batch: BatchEffect,
+        *,
+        relay: OutboxRelay | None = None,
+        batch_size: int = 256,
+        prefetch: int = 512,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._db = db
+        self._transport = transport
+        self._queue = queue
+        self._handle_batch = handle_batch
+        self._relay = relay
+        self._batch_size = batch_size
+        self._prefetch = prefetch
+        self._clock = clock
+        self._pending: list[tuple[Delivery, Message, asyncio.Future[None]]] = []
+        self._arrived = asyncio.Event()
+        self._worker: asyncio.Task[None] | None = None
+        self._subscription: Subscription | None = None
+        self.handled = 0
+        self.duplicates = 0
+
+    async def start(self) -> None:
+        self._worker = asyncio.create_task(self._work(), name=f"inbox-{self._queue}")
+        self._subscription = await self._transport.consume(
+            self._queue, self._on_delivery, prefetch=self._prefetch
+        )
+
+    async def stop(self) -> None:
+        if self._subscription is not None:
+            await self._subscription.cancel()
+            self._subscription = None
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+
+    async def _on_delivery(self, delivery: Delivery) -> None:
+        try:
+            message = decode(delivery.body)
+        except InvalidMessage as exc:
+            log.warning("message_parked", queue=self._queue, message_id=delivery.message_id,
+                        reason=str(exc))
+            await delivery.park(str(exc))
+            return
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((delivery, message, done))
+        self._arrived.set()
+        # Settled by the worker after the batch commits; waiting here keeps the delivery
+        # in flight (and counted against prefetch) until then.
+        await done
+
+    async def _work(self) -> None:
+        while True:
+            await self._arrived.wait()
+            self._arrived.clear()
+            while self._pending:
+                batch = self._pending[: self._batch_size]
+                del self._pending[: len(batch)]
+                try:
+                    await self._run_batch(batch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("inbox_batch_crashed", queue=self._queue)
+                    for _, _, done in batch:
+                        if not done.done():
+                            done.set_result(None)
+
+    async def _run_batch(self, batch: list[tuple[Delivery, Message, asyncio.Future[None]]]) -> None:
+        try:
+            await self._commit([m for _, m, _ in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                await self._failed(batch[0][0], exc)
+                batch[0][2].set_result(None)
+                return
+            log.warning("inbox_batch_failed_retrying_singly", queue=self._queue,
+                        size=len(batch), error=type(exc).__name__)
+            for item in batch:
+                await self._run_batch([item])
+            return
+        for delivery, _, done in batch:
+            with contextlib.suppress(Exception):  # a lost ack means a redelivery: deduplicated
+                await delivery.ack()
+            done.set_result(None)
+        if self._relay is not None:
+            self._relay.wake()
+
+    async def _commit(self, messages: list[Message]) -> None:
+        now = self._clock()
+        async with self._db.transaction() as conn:
+            fresh_ids = await claim_inbox(conn, [m.envelope.message_id for m in messages], now=now)
+            fresh: list[Message] = []
+            for message in messages:
+                if message.envelope.message_id in fresh_ids:
+                    fresh_ids.discard(message.envelope.message_id)  # a duplicate in this batch
+                    fresh.append(message)
+            self.duplicates += len(messages) - len(fresh)
+            if fresh:
+                await add_to_outbox(conn, await self._handle_batch(conn, fresh), now=now)
+        self.handled += len(fresh)
+
+    async def _failed(self, delivery: Delivery, exc: Exception) -> None:
+        if isinstance(exc, JpkiError) and exc.disposition is Disposition.REJECTED:
+            log.warning("message_rejected_parked", queue=self._queue,
+                        message_id=delivery.message_id, error=type(exc).__name__)
+            await delivery.park(f"{type(exc).__name__}: {exc}"[:500])
+            return
+        log.warning("message_failed_retry", queue=self._queue, message_id=delivery.message_id,
+                    delivery_count=delivery.delivery_count, error=type(exc).__name__)
+        await delivery.retry()

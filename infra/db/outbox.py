@@ -1,0 +1,216 @@
+"""Transactional outbox: write messages with the state change, publish them after commit.
+
+``add_to_outbox(conn, messages)`` inside the transaction that changes state; the
+``OutboxRelay`` of the process then publishes pending rows through the transport (which
+returns only after publisher confirms) and marks them sent. A crash between publish and
+mark publishes the row again: delivery is at-least-once and receivers de-duplicate by
+message id (the inbox).
+
+Claiming: on PostgreSQL any number of relays run at once; each claims a batch with
+``SELECT ... FOR UPDATE SKIP LOCKED`` and keeps the row locks until the publish is confirmed
+and the rows are marked sent, so two relays never hold the same row and a relay that dies
+releases its rows with its connection. On SQLite the file belongs to one process with one
+relay; it reads the batch under the write lock, publishes, and marks the rows sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+import structlog
+from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from infra.db.database import Database
+from infra.db.messaging import inbox, outbox
+from infra.transport.base import Outgoing, Transport
+from protocol.envelope import Message, encode
+
+log = structlog.get_logger(__name__)
+
+_headers_encoder = msgspec.json.Encoder()
+_headers_decoder = msgspec.json.Decoder(dict[str, str])
+
+
+def outgoing(message: Message, *, routing_key: str | None = None) -> Outgoing:
+    """A built envelope as a transport message; routed by its type unless told otherwise
+    (messages to a phone go to ``device.<device_id>``)."""
+    envelope = message.envelope
+    return Outgoing(
+        routing_key=routing_key or envelope.type,
+        body=encode(message),
+        message_id=envelope.message_id,
+    )
+
+
+def to_device(message: Message) -> Outgoing:
+    device_id = message.envelope.device_id
+    if not device_id:
+        raise ValueError(f"{message.envelope.type} to a device needs a device_id")
+    return outgoing(message, routing_key=f"device.{device_id}")
+
+
+async def add_to_outbox(
+    conn: AsyncConnection, messages: Sequence[Outgoing], *, now: float | None = None
+) -> None:
+    if not messages:
+        return
+    created = time.time() if now is None else now
+    await conn.execute(
+        outbox.insert(),
+        [
+            {
+                "message_id": m.message_id,
+                "routing_key": m.routing_key,
+                "body": m.body,
+                "headers": _headers_encoder.encode(m.headers).decode() if m.headers else None,
+                "created_at": created,
+                "sent_at": None,
+                "retry_at": None,
+            }
+            for m in messages
+        ],
+    )
+
+
+def _row_to_outgoing(row: Any) -> Outgoing:
+    headers = _headers_decoder.decode(row.headers) if row.headers else {}
+    return Outgoing(
+        routing_key=row.routing_key, body=row.body, message_id=row.message_id, headers=headers
+    )
+
+
+class OutboxRelay:
+    """Publishes a service's pending outbox rows; ``wake()`` after a commit that added some.
+
+    Rows a publish could not place (broker refused, no queue bound yet) are retried after
+    ``retry_delay`` without holding up the others. Sent rows are purged after
+    ``keep_sent`` seconds and inbox ids after ``keep_inbox`` seconds (the inbox must outlive
+    any redelivery, so keep it far longer than a message can wait in a queue).
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        transport: Transport,
+        *,
+        batch_size: int = 500,
+        poll_interval: float = 1.0,
+        retry_delay: float = 2.0,
+        keep_sent: float = 3600.0,
+        keep_inbox: float = 7 * 86400.0,
+        clock: Callable[[], float] = time.time,
+        name: str = "relay",
+    ) -> None:
+        self._db = db
+        self._transport = transport
+        self._batch_size = batch_size
+        self._poll_interval = poll_interval
+        self._retry_delay = retry_delay
+        self._keep_sent = keep_sent
+        self._keep_inbox = keep_inbox
+        self._clock = clock
+        self._name = name
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._last_purge = 0.0
+        self.published = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"outbox-{self._name}")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                while await self.relay_once() >= self._batch_size:
+                    pass
+                await self._maybe_purge()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the relay must outlive a database or broker outage
+                log.exception("outbox_relay_failed", relay=self._name)
+                await asyncio.sleep(self._retry_delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._poll_interval)
+            self._wake.clear()
+
+    def _pending(self, now: float) -> Any:
+        return (
+            select(outbox.c.id, outbox.c.message_id, outbox.c.routing_key, outbox.c.body,
+                   outbox.c.headers)
+            .where(and_(outbox.c.sent_at.is_(None),
+                        or_(outbox.c.retry_at.is_(None), outbox.c.retry_at <= now)))
+            .order_by(outbox.c.id)
+            .limit(self._batch_size)
+        )
+
+    async def relay_once(self) -> int:
+        """Claim, publish and mark one batch; returns how many rows it handled."""
+        now = self._clock()
+        if self._db.is_postgres:
+            async with self._db.transaction() as conn:
+                claim = self._pending(now).with_for_update(skip_locked=True)
+                rows = (await conn.execute(claim)).all()
+                if rows:
+                    await self._publish_and_mark(conn, rows)
+            return len(rows)
+        async with self._db.transaction() as conn:
+            rows = (await conn.execute(self._pending(now))).all()
+        if rows:
+            async with self._db.transaction() as conn:
+                await self._publish_and_mark(conn, rows)
+        return len(rows)
+
+    async def _publish_and_mark(self, conn: AsyncConnection, rows: Sequence[Any]) -> None:
+        sent_ids: list[int] = []
+        failed_ids: list[int] = []
+        try:
+            await self._transport.publish([_row_to_outgoing(r) for r in rows])
+            sent_ids = [r.id for r in rows]
+        except Exception as exc:
+            # One message that cannot be placed must not hold up the batch: try each.
+            log.warning("outbox_batch_publish_failed", relay=self._name, rows=len(rows),
+                        error=type(exc).__name__)
+            for row in rows:
+                try:
+                    await self._transport.publish([_row_to_outgoing(row)])
+                    sent_ids.append(row.id)
+                except Exception as one_exc:
+                    log.warning("outbox_publish_failed", relay=self._name,
+                                message_id=row.message_id, routing_key=row.routing_key,
+                                error=type(one_exc).__name__, detail=str(one_exc)[:200])
+                    failed_ids.append(row.id)
+        now = self._clock()
+        if sent_ids:
+            await conn.execute(update(outbox).where(outbox.c.id.in_(sent_ids)).values(sent_at=now))
+            self.published += len(sent_ids)
+        if failed_ids:
+            await conn.execute(
+                update(outbox).where(outbox.c.id.in_(failed_ids))
+                .values(retry_at=now + self._retry_delay)
+            )
+
+    async def _maybe_purge(self) -> None:
+        now = self._clock()
+        if now - self._last_purge < 60.0:
+            return
+        self._last_purge = now
+        async with self._db.transaction() as conn:
+            await conn.execute(delete(outbox).where(outbox.c.sent_at < now - self._keep_sent))
+            await conn.execute(delete(inbox).where(inbox.c.received_at < now - self._keep_inbox))
