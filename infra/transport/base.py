@@ -15,6 +15,26 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+from protocol.errors import Disposition, JpkiError
+
+PARKING_SUFFIX = ".parking"  # queue ``q`` dead-letters into ``q.parking``
+DEFAULT_DELIVERY_LIMIT = 5  # failed deliveries a message may have before it is parked
+DELIVERY_LIMIT_REASON = "delivery limit exceeded"
+
+
+def parking_lot(queue: str) -> str:
+    return queue + PARKING_SUFFIX
+
+
+class TransportError(JpkiError):
+    """The broker refused or lost contact while we published; safe to try again."""
+
+    disposition = Disposition.TRANSIENT
+
+
+class Unroutable(JpkiError):
+    """No queue is bound for a routing key, so the message would be lost: refused instead."""
+
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
@@ -32,6 +52,7 @@ class Parked:
     body: bytes
     reason: str
     parked_at: float
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class Delivery(ABC):
@@ -40,7 +61,7 @@ class Delivery(ABC):
     message_id: str
     headers: dict[str, str]
     redelivered: bool
-    delivery_count: int
+    delivery_count: int  # 1 on the first attempt, +1 for every earlier failed delivery
 
     @abstractmethod
     async def ack(self) -> None: ...
@@ -59,7 +80,9 @@ Handler = Callable[[Delivery], Awaitable[None]]
 
 class Subscription(ABC):
     @abstractmethod
-    async def cancel(self) -> None: ...
+    async def cancel(self) -> None:
+        """Stop consuming; handlers still running are cancelled and their unsettled
+        deliveries go back to the queue, marked redelivered."""
 
 
 class Transport(ABC):
@@ -70,14 +93,33 @@ class Transport(ABC):
     async def close(self) -> None: ...
 
     @abstractmethod
-    async def declare_queue(self, queue: str, binding_keys: Sequence[str]) -> None:
-        """Declare (idempotently) a durable queue, its parking lot and its bindings."""
+    async def declare_queue(
+        self,
+        queue: str,
+        binding_keys: Sequence[str],
+        *,
+        delivery_limit: int | None = None,
+        single_active_consumer: bool = False,
+    ) -> None:
+        """Declare (idempotently) a durable queue, its parking lot and its bindings.
+
+        ``delivery_limit`` (default: the transport's) counts failed deliveries (retries,
+        consumers gone with the message unacked): the message is parked when it fails
+        once more than that, so it is delivered at most ``delivery_limit + 1`` times.
+        ``single_active_consumer``: only one consumer at a time gets messages (the others
+        wait as hot standbys), which keeps the queue's order across several processes.
+        """
 
     @abstractmethod
-    async def publish(self, messages: Sequence[Outgoing]) -> None: ...
+    async def publish(self, messages: Sequence[Outgoing]) -> None:
+        """Publish and wait for every confirm; ``Unroutable`` if a message has no queue."""
 
     @abstractmethod
-    async def consume(self, queue: str, handler: Handler, *, prefetch: int = 64) -> Subscription: ...
+    async def consume(self, queue: str, handler: Handler, *, prefetch: int = 64) -> Subscription:
+        """Run ``handler`` for each delivery, at most ``prefetch`` unsettled at once.
+
+        A handler that raises with its delivery unsettled gets it retried.
+        """
 
     @abstractmethod
     async def parked(self, queue: str, limit: int = 100) -> list[Parked]: ...
