@@ -18,6 +18,7 @@ measures it). None of them is ever put in a message.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
 import hmac
@@ -32,7 +33,7 @@ import structlog
 from orchestrator import messages as om
 from protocol import jpki as jp
 from protocol.apdu import CommandAPDU, ResponseAPDU
-from protocol.envelope import Message
+from protocol.envelope import Message, build
 from protocol.errors import CardError, JpkiError, StatusWord
 
 log = structlog.get_logger(__name__)
@@ -826,3 +827,134 @@ class AppCore:
             LoginSigned(login.challenge_id, login.nonce, certificate, signature),
             Finished("login", "signed", self.storage.phase),
         ]
+
+
+# ---------------------------------------------------------------------------------------
+# The scripted virtual user
+
+
+@dataclass(frozen=True, slots=True)
+class UserScript:
+    """What a simulated person chooses and types. Their secrets never leave this object
+    except by being typed into the app."""
+
+    card_password: str = field(repr=False)  # the My Number Card's signing password
+    auth_pin: str = field(repr=False)  # the phone PIN they will choose
+    signing_password: str = field(repr=False)  # the phone signing password they will choose
+    certificates: str = "both"  # "both" | "auth" | "sign"
+    pin_option: om.PinOption = om.DEFAULT_PIN_OPTION
+    typos: frozenset[ScreenId] = frozenset()  # screens where the user gets it wrong once
+
+
+def _mistyped(value: str) -> str:
+    """Same format, one character off: what a slip of the finger looks like."""
+    last = value[-1]
+    return value[:-1] + ("1" if last == "0" else "0")
+
+
+class VirtualUser:
+    """Answers the app's screens as the script says; counts the actions it takes."""
+
+    def __init__(self, script: UserScript, card: ApduChannel | None) -> None:
+        self.script = script
+        self.card = card
+        self.actions = 0
+        self.screens_answered: list[ScreenId] = []
+        self._slipped: set[ScreenId] = set()
+
+    def _slip(self, screen: ScreenId) -> bool:
+        if screen in self.script.typos and screen not in self._slipped:
+            self._slipped.add(screen)
+            return True
+        return False
+
+    def answer(self, screen: Screen) -> dict[str, Any]:
+        self.screens_answered.append(screen.id)
+        self.actions += len(screen.inputs)
+        script = self.script
+        if screen.id is ScreenId.WELCOME:
+            return {"certificates": script.certificates, "pin_option": script.pin_option}
+        if screen.id is ScreenId.CARD_PASSWORD:
+            password = script.card_password
+            return {"card_password": _mistyped(password) if self._slip(screen.id) else password}
+        if screen.id is ScreenId.TAP_CARD:
+            return {"card": self.card}
+        if screen.id in (ScreenId.SET_AUTH_PIN, ScreenId.SET_SIGNING_PASSWORD):
+            pin = script.auth_pin if screen.id is ScreenId.SET_AUTH_PIN else script.signing_password
+            return {"pin": pin, "confirm": _mistyped(pin) if self._slip(screen.id) else pin}
+        if screen.id is ScreenId.LOGIN_PIN:
+            return {"pin": _mistyped(script.auth_pin) if self._slip(screen.id) else script.auth_pin}
+        return {}
+
+
+# ---------------------------------------------------------------------------------------
+# The async shell
+
+
+class PhoneLink(Protocol):
+    """The phone's connection to the back end (MQTT, or in-process)."""
+
+    async def send(self, message: Message) -> None: ...
+
+
+class PhoneApp:
+    """Runs an ``AppCore``: feeds it messages from the link and the user's answers, and
+    carries out what it asks. A new ``PhoneApp`` over the same SE is a reinstall."""
+
+    def __init__(self, core: AppCore, user: VirtualUser, link: PhoneLink) -> None:
+        self.core = core
+        self.user = user
+        self.link = link
+        self.finished: dict[str, asyncio.Future[Finished]] = {}
+        self.login_answer: LoginSigned | None = None
+        self._lock = asyncio.Lock()  # one event at a time, as a phone's UI thread
+
+    def _future(self, what: str) -> asyncio.Future[Finished]:
+        future = self.finished.get(what)
+        if future is None or future.done():
+            future = self.finished[what] = asyncio.get_running_loop().create_future()
+        return future
+
+    async def deliver(self, message: Message) -> None:
+        """A message from the back end arrived on the down link."""
+        async with self._lock:
+            await self._carry_out(self.core.receive(message), message.envelope.device_id)
+
+    async def _carry_out(self, actions: list[Action], device_id: str | None = None) -> None:
+        pending = list(actions)
+        while pending:
+            action = pending.pop(0)
+            if isinstance(action, Send):
+                await self.link.send(
+                    build(
+                        action.body,
+                        saga_id=action.saga_id,
+                        causation_id=action.causation_id,
+                        device_id=self.core.device.device_id,
+                    )
+                )
+            elif isinstance(action, Show):
+                if action.screen.inputs:
+                    values = self.user.answer(action.screen)
+                    pending[:0] = self.core.answer(action.screen.id, values)
+            elif isinstance(action, LoginSigned):
+                self.login_answer = action
+            elif isinstance(action, Finished):
+                future = self._future(action.what)
+                if not future.done():
+                    future.set_result(action)
+
+    async def apply(self) -> Finished:
+        """Phase 1 onward: the user opens the app and applies; returns how it ended."""
+        future = self._future("issuance")
+        async with self._lock:
+            await self._carry_out(self.core.start_issuance())
+        return await future
+
+    async def log_in(self, service: str, challenge_id: str, nonce: bytes) -> LoginSigned | None:
+        future = self._future("login")
+        self.login_answer = None
+        async with self._lock:
+            await self._carry_out(self.core.start_login(service, challenge_id, nonce))
+        await future
+        return self.login_answer
