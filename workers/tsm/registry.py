@@ -1,0 +1,249 @@
+"""The secure-element registry the SP-TSM owns, and its record of operations.
+
+``secure_elements``: one row per SE the TSM manages — identity (CIN, KDD), device, the
+SCP03 key version (and the one a rotation is putting), the last sequence counter the TSM
+used, the card-challenge mode, what is on the SE (applet state, keys, whose), last seen,
+pending clean-up, and the temporary PINs waiting for release (sealed: AES-GCM under a key
+derived from the master keys, never in clear).
+
+``tsm_operations``: one row per command id — the idempotency record. A command whose row
+says ``done`` is answered with the stored reply; one that says ``running`` was cut off
+and is run again (every script is safe to re-run).
+
+Two implementations of one interface: ``SqlRegistry`` (the service, SQLite or PostgreSQL
+through ``infra.db``) and ``MemoryRegistry`` (benchmarks and the in-process phone link).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Float,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+
+from infra.db.database import Database
+from protocol.errors import JpkiError
+
+
+class UnknownSecureElement(JpkiError):
+    """A command names an SE the TSM never provisioned."""
+
+
+class AppletState(enum.StrEnum):
+    ABSENT = "absent"
+    INSTALLED = "installed"  # selectable, no keys
+    KEYED = "keyed"  # key pair(s) generated
+    PERSONALISED = "personalised"  # certificates stored, temporary PINs set
+    RELEASED = "released"  # handed over for local PIN setting
+    UNKNOWN = "unknown"  # an operation was cut off: the next inspect tells
+
+
+class ChallengeMode(enum.StrEnum):
+    PSEUDO_RANDOM = "pseudo-random"
+    RANDOM = "random"
+
+
+@dataclass(slots=True)
+class SeRecord:
+    cin: str  # upper-case hex
+    kdd: str
+    device_id: str | None
+    key_version: int
+    sequence_counter: int  # last counter value the TSM used (or saw) for this SE
+    challenge_mode: ChallengeMode = ChallengeMode.PSEUDO_RANDOM
+    pending_key_version: int | None = None  # a rotation's target, until confirmed
+    applet_state: AppletState = AppletState.ABSENT
+    holds_keys: bool = False
+    owner_reference: str | None = None
+    last_seen: float | None = None
+    pending_cleanup: bool = False
+    sealed_temporary_pins: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(slots=True)
+class OperationRecord:
+    command_id: str
+    cin: str
+    operation: str
+    status: str  # running | done
+    reply: bytes | None = None  # the encoded reply body, once done
+
+
+class Registry(Protocol):
+    async def add(self, record: SeRecord) -> None: ...
+
+    async def get(self, cin: str) -> SeRecord: ...
+
+    async def save(self, record: SeRecord) -> None: ...
+
+    async def operation(self, command_id: str) -> OperationRecord | None: ...
+
+    async def start_operation(self, command_id: str, cin: str, operation: str) -> None: ...
+
+    async def finish_operation(self, command_id: str, reply: bytes) -> None: ...
+
+
+class MemoryRegistry:
+    """The registry in a dict (benchmarks, tests, the embedded single-process mode)."""
+
+    def __init__(self) -> None:
+        self._elements: dict[str, SeRecord] = {}
+        self._operations: dict[str, OperationRecord] = {}
+
+    async def add(self, record: SeRecord) -> None:
+        self._elements.setdefault(record.cin, dataclasses.replace(record))
+
+    async def get(self, cin: str) -> SeRecord:
+        try:
+            return dataclasses.replace(self._elements[cin])
+        except KeyError:
+            raise UnknownSecureElement("secure element not in the registry") from None
+
+    async def save(self, record: SeRecord) -> None:
+        self._elements[record.cin] = dataclasses.replace(record)
+
+    async def operation(self, command_id: str) -> OperationRecord | None:
+        record = self._operations.get(command_id)
+        return dataclasses.replace(record) if record else None
+
+    async def start_operation(self, command_id: str, cin: str, operation: str) -> None:
+        self._operations.setdefault(
+            command_id, OperationRecord(command_id, cin, operation, "running")
+        )
+
+    async def finish_operation(self, command_id: str, reply: bytes) -> None:
+        record = self._operations[command_id]
+        record.status, record.reply = "done", reply
+
+
+metadata = MetaData()
+
+secure_elements = Table(
+    "secure_elements",
+    metadata,
+    Column("cin", String(64), primary_key=True),
+    Column("kdd", String(64), nullable=False),
+    Column("device_id", String(64), nullable=True),
+    Column("key_version", Integer, nullable=False),
+    Column("pending_key_version", Integer, nullable=True),
+    Column("sequence_counter", Integer, nullable=False),
+    Column("challenge_mode", String(20), nullable=False),
+    Column("applet_state", String(20), nullable=False),
+    Column("holds_keys", Boolean, nullable=False),
+    Column("owner_reference", String(64), nullable=True),
+    Column("last_seen", Float, nullable=True),
+    Column("pending_cleanup", Boolean, nullable=False),
+    Column("sealed_temporary_pins", LargeBinary, nullable=True),
+    Column("updated_at", Float, nullable=False),
+)
+
+tsm_operations = Table(
+    "tsm_operations",
+    metadata,
+    Column("command_id", String(128), primary_key=True),
+    Column("cin", String(64), nullable=False),
+    Column("operation", String(32), nullable=False),
+    Column("status", String(10), nullable=False),
+    Column("reply", LargeBinary, nullable=True),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+_RECORD_FIELDS = [f.name for f in dataclasses.fields(SeRecord)]
+
+
+def _row_to_record(row: object) -> SeRecord:
+    values = {name: getattr(row, name) for name in _RECORD_FIELDS}
+    values["challenge_mode"] = ChallengeMode(values["challenge_mode"])
+    values["applet_state"] = AppletState(values["applet_state"])
+    return SeRecord(**values)
+
+
+class SqlRegistry:
+    """The registry in the TSM's own tables (migrations in ``workers/tsm/migrations``)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def _insert(self, conn_dialect: str):  # noqa: ANN202 - dialect-specific insert construct
+        return (postgresql if conn_dialect == "postgresql" else sqlite).insert
+
+    async def add(self, record: SeRecord) -> None:
+        values = {name: getattr(record, name) for name in _RECORD_FIELDS}
+        values["updated_at"] = time.time()
+        async with self.db.transaction() as conn:
+            insert = self._insert(conn.dialect.name)
+            await conn.execute(
+                insert(secure_elements).values(**values).on_conflict_do_nothing(
+                    index_elements=["cin"]
+                )
+            )
+
+    async def get(self, cin: str) -> SeRecord:
+        async with self.db.transaction() as conn:
+            row = (
+                await conn.execute(select(secure_elements).where(secure_elements.c.cin == cin))
+            ).first()
+        if row is None:
+            raise UnknownSecureElement("secure element not in the registry")
+        return _row_to_record(row)
+
+    async def save(self, record: SeRecord) -> None:
+        values = {name: getattr(record, name) for name in _RECORD_FIELDS if name != "cin"}
+        values["updated_at"] = time.time()
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                update(secure_elements).where(secure_elements.c.cin == record.cin).values(**values)
+            )
+
+    async def operation(self, command_id: str) -> OperationRecord | None:
+        async with self.db.transaction() as conn:
+            row = (
+                await conn.execute(
+                    select(tsm_operations).where(tsm_operations.c.command_id == command_id)
+                )
+            ).first()
+        if row is None:
+            return None
+        return OperationRecord(row.command_id, row.cin, row.operation, row.status, row.reply)
+
+    async def start_operation(self, command_id: str, cin: str, operation: str) -> None:
+        now = time.time()
+        async with self.db.transaction() as conn:
+            insert = self._insert(conn.dialect.name)
+            await conn.execute(
+                insert(tsm_operations)
+                .values(
+                    command_id=command_id,
+                    cin=cin,
+                    operation=operation,
+                    status="running",
+                    reply=None,
+                    created_at=now,
+                    updated_at=now,
+                )
+                .on_conflict_do_nothing(index_elements=["command_id"])
+            )
+
+    async def finish_operation(self, command_id: str, reply: bytes) -> None:
+        async with self.db.transaction() as conn:
+            await conn.execute(
+                update(tsm_operations)
+                .where(tsm_operations.c.command_id == command_id)
+                .values(status="done", reply=reply, updated_at=time.time())
+            )
