@@ -3,8 +3,8 @@
 Routing (every transport): the phone publishes ``app.event.*`` on its MQTT up topic and the
 gateway republishes them on AMQP by type, where the ``orchestrator`` queue binds
 ``app.event.#``. Messages *to* a phone are published with routing key ``device.<device_id>``
-(MQTT topic ``jpki/dev/<device_id>/down``); their types are ``app.request.*`` (the app must
-act) and ``app.notice.*`` (the app shows it).
+(MQTT topic ``jpki/dev/<device_id>/down``); their types are ``app.cmd.*``, the prefix
+``infra.bus`` knows as phone-bound.
 
 The saga an event belongs to travels in the envelope's ``saga_id``; an issuance saga's id is
 the ``application_id`` the app chose for its enrolment, so a redelivered or re-sent
@@ -17,12 +17,12 @@ the orchestrator's go-ahead for local PIN setting says when to use them, not wha
 New issuance (FLOWS.md §1), message by message::
 
     app  ── app.event.enrolment ──────────────▶ orchestrator   step 1 (phase 1)
-    app  ◀─ app.request.card_signature ─────── orchestrator   step 5 (phase 3 starts)
+    app  ◀─ app.cmd.card_signature ─────────── orchestrator   step 5 (phase 3 starts)
     app  ── app.event.card_signature ─────────▶ orchestrator   steps 5 → 6
     app  ◀─ (TSM: temporary PINs) ──────────── tsm            step 11
-    app  ◀─ app.request.pin_setting ────────── orchestrator   step 11 → 12
+    app  ◀─ app.cmd.pin_setting ────────────── orchestrator   step 11 → 12
     app  ── app.event.pins_set ───────────────▶ orchestrator   step 12 → 13
-    app  ◀─ app.notice.result ──────────────── orchestrator   phase 4, or why not
+    app  ◀─ app.cmd.result ─────────────────── orchestrator   phase 4, or why not
     app  ── app.event.aborted ────────────────▶ orchestrator   any time: user or card gave up
 """
 
@@ -193,6 +193,7 @@ class Application(msgspec.Struct, frozen=True, kw_only=True):
     se: SeIdentity
     certificates: Certificates
     requested_at: datetime
+    pin_option: PinOption | None = None
 
     def to_be_signed(self) -> bytes:
         """Canonical bytes: JSON with fields in declaration order, certificates sorted."""
@@ -203,7 +204,7 @@ class Application(msgspec.Struct, frozen=True, kw_only=True):
 _canonical_encoder = msgspec.json.Encoder()
 
 
-@message_type("app.request.card_signature", 1)
+@message_type("app.cmd.card_signature", 1)
 class CardSignatureRequest(msgspec.Struct, frozen=True, kw_only=True):
     """Step 5: ask the user for the card's signing password and have the card sign
     SHA-256 of ``application.to_be_signed()`` (PKCS#1 v1.5 DigestInfo, EF 001A)."""
@@ -212,7 +213,7 @@ class CardSignatureRequest(msgspec.Struct, frozen=True, kw_only=True):
     digest: Literal["sha256"] = "sha256"
 
 
-@message_type("app.request.pin_setting", 1)
+@message_type("app.cmd.pin_setting", 1)
 class PinSettingGoAhead(msgspec.Struct, frozen=True, kw_only=True):
     """Step 11 → 12: the TSM has released the PIN(s); set them locally now.
 
@@ -224,7 +225,7 @@ class PinSettingGoAhead(msgspec.Struct, frozen=True, kw_only=True):
     pin_option: PinOption
 
 
-@message_type("app.notice.result", 1)
+@message_type("app.cmd.result", 1)
 class Result(msgspec.Struct, frozen=True, kw_only=True):
     """The end of the saga as the app shows it."""
 
