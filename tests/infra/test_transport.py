@@ -21,7 +21,7 @@ from infra.transport.base import (
 )
 from infra.transport.inprocess import InProcessTransport, topic_matches
 
-TRANSPORTS = ["inprocess"]
+TRANSPORTS = ["inprocess", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)]
 
 
 @pytest.fixture(params=TRANSPORTS)
@@ -29,7 +29,6 @@ async def transport(request: pytest.FixtureRequest, unique: str) -> AsyncIterato
     if request.param == "inprocess":
         made: Transport = InProcessTransport(default_delivery_limit=3)
     else:
-        request.applymarker(pytest.mark.rabbitmq)
         amqp_url = request.getfixturevalue("amqp_url")
         from infra.transport.rabbitmq import RabbitMQTransport
 

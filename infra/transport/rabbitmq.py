@@ -1,0 +1,412 @@
+"""RabbitMQ transport (aio-pika): quorum queues, publisher confirms, parking lots.
+
+Topology (declared idempotently, re-declared by the robust connection after a reconnect):
+- a durable topic exchange (``jpki``) every message is published to, by routing key;
+- a durable direct dead-letter exchange (``jpki.dlx``);
+- per service queue ``q``: a quorum queue with an explicit ``x-delivery-limit`` that
+  dead-letters into ``jpki.dlx`` with routing key ``q`` (at-least-once dead lettering,
+  which needs ``overflow=reject-publish``), and its parking lot ``q.parking``, a quorum
+  queue bound to ``jpki.dlx`` by ``q``.
+
+Publishing uses its own channel in confirm mode with ``mandatory`` set: a batch is
+published with every message in flight at once and returns when all are confirmed; a
+message no queue is bound for comes back and raises ``Unroutable``. Each subscription
+gets its own channel (its prefetch is the channel's QoS), so cancelling it closes the
+channel and the broker returns what the consumer held, as it does when a process dies.
+
+``park(reason)`` publishes the message to the dead-letter exchange with the reason in a
+header, waits for the confirm, then acks the original: the reason survives and nothing is
+lost in between (at worst the message is parked twice, with one id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import aio_pika
+import aiormq
+import structlog
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+from infra.transport.base import (
+    DEFAULT_DELIVERY_LIMIT,
+    DELIVERY_LIMIT_REASON,
+    Delivery,
+    Handler,
+    Outgoing,
+    Parked,
+    Subscription,
+    Transport,
+    TransportError,
+    Unroutable,
+    parking_lot,
+)
+
+log = structlog.get_logger(__name__)
+
+# Headers this transport owns; stripped before a parked message is replayed.
+PARK_REASON = "x-park-reason"
+PARKED_AT = "x-parked-at"
+ORIGINAL_ROUTING_KEY = "x-original-routing-key"
+_BROKER_HEADERS = (
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+    "x-delivery-count",
+)
+_OWN_HEADERS = (PARK_REASON, PARKED_AT, ORIGINAL_ROUTING_KEY)
+
+# Publishes a batch keeps in flight at once (each waits for its confirm).
+_PUBLISH_WINDOW = 1000
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", "replace")
+    return str(value)
+
+
+def _user_headers(headers: Mapping[str, Any]) -> dict[str, str]:
+    return {
+        key: _text(value)
+        for key, value in headers.items()
+        if key not in _BROKER_HEADERS and key not in _OWN_HEADERS
+    }
+
+
+def _original_routing_key(message: AbstractIncomingMessage) -> str:
+    headers = message.headers or {}
+    if ORIGINAL_ROUTING_KEY in headers:
+        return _text(headers[ORIGINAL_ROUTING_KEY])
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list) and deaths:
+        keys = deaths[-1].get("routing-keys") or []  # the oldest death: where it was first sent
+        if keys:
+            return _text(keys[0])
+    return message.routing_key or ""
+
+
+class _RabbitDelivery(Delivery):
+    def __init__(
+        self, message: AbstractIncomingMessage, queue: str, transport: RabbitMQTransport
+    ) -> None:
+        headers = message.headers or {}
+        self.routing_key = _original_routing_key(message)
+        self.body = message.body
+        self.message_id = message.message_id or ""
+        self.headers = _user_headers(headers)
+        self.redelivered = bool(message.redelivered)
+        # quorum queues count earlier failed deliveries in x-delivery-count
+        self.delivery_count = int(headers.get("x-delivery-count", 0) or 0) + 1
+        self._message = message
+        self._queue = queue
+        self._transport = transport
+
+    async def ack(self) -> None:
+        await self._settle(self._message.ack())
+
+    async def retry(self) -> None:
+        await self._settle(self._message.nack(requeue=True))
+
+    async def park(self, reason: str) -> None:
+        await self._transport._park(self._queue, self._message, reason)
+        await self._settle(self._message.ack())
+
+    @staticmethod
+    async def _settle(settling: Any) -> None:
+        try:
+            await settling
+        except (aiormq.exceptions.ChannelInvalidStateError, aiormq.exceptions.AMQPError) as exc:
+            # The channel is gone: the broker has already returned the message to the queue.
+            log.info("transport.settle_on_closed_channel", error=type(exc).__name__)
+
+
+class _RabbitSubscription(Subscription):
+    def __init__(self, channel: AbstractChannel, queue: AbstractQueue) -> None:
+        self.channel = channel
+        self.queue = queue
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.active = True
+
+    async def cancel(self) -> None:
+        if not self.active:
+            return
+        self.active = False
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        # Closing the channel returns every unacked delivery to the queue.
+        await self.channel.close()
+
+
+class RabbitMQTransport(Transport):
+    def __init__(
+        self,
+        url: str,
+        *,
+        exchange: str = "jpki",
+        dead_letter_exchange: str = "jpki.dlx",
+        default_delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
+        connection_name: str = "jpki",
+    ) -> None:
+        self._url = url
+        self._exchange_name = exchange
+        self._dlx_name = dead_letter_exchange
+        self._default_delivery_limit = default_delivery_limit
+        self._connection_name = connection_name
+        self._connection: AbstractRobustConnection | None = None
+        self._publish_channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._dlx: AbstractExchange | None = None
+        self._default_exchange: AbstractExchange | None = None
+        self._declared: dict[str, tuple[str, ...]] = {}
+        self._subscriptions: set[_RabbitSubscription] = set()
+
+    def __repr__(self) -> str:
+        # the URL may carry a password: never in a repr
+        return f"RabbitMQTransport(exchange={self._exchange_name!r})"
+
+    async def connect(self) -> None:
+        try:
+            self._connection = await aio_pika.connect_robust(
+                self._url, client_properties={"connection_name": self._connection_name}
+            )
+        except (OSError, aiormq.exceptions.AMQPError) as exc:
+            raise TransportError(f"cannot connect to RabbitMQ: {type(exc).__name__}") from None
+        self._publish_channel = await self._connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
+        self._exchange = await self._publish_channel.declare_exchange(
+            self._exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        self._dlx = await self._publish_channel.declare_exchange(
+            self._dlx_name, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        self._default_exchange = self._publish_channel.default_exchange
+
+    async def close(self) -> None:
+        for subscription in list(self._subscriptions):
+            await subscription.cancel()
+        self._subscriptions.clear()
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+    def _conn(self) -> AbstractRobustConnection:
+        if self._connection is None:
+            raise TransportError("RabbitMQ transport is not connected")
+        return self._connection
+
+    async def declare_queue(
+        self,
+        queue: str,
+        binding_keys: Sequence[str],
+        *,
+        delivery_limit: int | None = None,
+        single_active_consumer: bool = False,
+    ) -> None:
+        limit = self._default_delivery_limit if delivery_limit is None else delivery_limit
+        arguments: dict[str, Any] = {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": limit,
+            "x-dead-letter-exchange": self._dlx_name,
+            "x-dead-letter-routing-key": queue,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+        }
+        if single_active_consumer:
+            arguments["x-single-active-consumer"] = True
+        async with self._conn().channel() as channel:
+            declared = await channel.declare_queue(queue, durable=True, arguments=arguments)
+            for key in binding_keys:
+                await declared.bind(self._exchange_name, routing_key=key)
+            parking = await channel.declare_queue(
+                parking_lot(queue), durable=True, arguments={"x-queue-type": "quorum"}
+            )
+            await parking.bind(self._dlx_name, routing_key=queue)
+        known = self._declared.get(queue, ())
+        self._declared[queue] = known + tuple(k for k in binding_keys if k not in known)
+
+    async def publish(self, messages: Sequence[Outgoing]) -> None:
+        exchange = self._exchange
+        if exchange is None:
+            raise TransportError("RabbitMQ transport is not connected")
+        for start in range(0, len(messages), _PUBLISH_WINDOW):
+            window = messages[start : start + _PUBLISH_WINDOW]
+            results = await asyncio.gather(
+                *(
+                    exchange.publish(self._amqp_message(m), m.routing_key, mandatory=True)
+                    for m in window
+                ),
+                return_exceptions=True,
+            )
+            for outgoing, result in zip(window, results, strict=True):
+                if isinstance(result, BaseException):
+                    raise self._publish_error(outgoing, result) from None
+
+    @staticmethod
+    def _amqp_message(
+        outgoing: Outgoing, headers: Mapping[str, Any] | None = None
+    ) -> aio_pika.Message:
+        return aio_pika.Message(
+            outgoing.body,
+            message_id=outgoing.message_id,
+            headers=dict(headers if headers is not None else outgoing.headers),
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+
+    @staticmethod
+    def _publish_error(outgoing: Outgoing, exc: BaseException) -> Exception:
+        if isinstance(exc, aiormq.exceptions.PublishError):
+            return Unroutable(f"no queue is bound for routing key {outgoing.routing_key!r}")
+        if isinstance(exc, asyncio.CancelledError):
+            return TransportError("publish cancelled before its confirm")
+        return TransportError(f"publish not confirmed: {type(exc).__name__}")
+
+    async def consume(self, queue: str, handler: Handler, *, prefetch: int = 64) -> Subscription:
+        channel = await self._conn().channel()
+        await channel.set_qos(prefetch_count=max(1, prefetch))
+        amqp_queue = await channel.get_queue(queue, ensure=True)
+        subscription = _RabbitSubscription(channel, amqp_queue)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            task = asyncio.current_task()
+            if task is not None:
+                subscription.tasks.add(task)
+            delivery = _RabbitDelivery(message, queue, self)
+            try:
+                await handler(delivery)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a handler bug must not kill the consumer: retry it
+                log.warning(
+                    "transport.handler_raised",
+                    queue=queue,
+                    message_id=delivery.message_id,
+                    error=type(exc).__name__,
+                )
+                if not message.processed:
+                    await delivery.retry()
+            finally:
+                if task is not None:
+                    subscription.tasks.discard(task)
+
+        await amqp_queue.consume(on_message)
+        self._subscriptions.add(subscription)
+        return subscription
+
+    async def _park(self, queue: str, message: AbstractIncomingMessage, reason: str) -> None:
+        dlx = self._dlx
+        if dlx is None:
+            raise TransportError("RabbitMQ transport is not connected")
+        headers = dict(message.headers or {})
+        headers[PARK_REASON] = reason
+        headers[PARKED_AT] = repr(time.time())
+        headers.setdefault(ORIGINAL_ROUTING_KEY, message.routing_key or "")
+        parked = Outgoing(queue, message.body, message.message_id or "")
+        try:
+            await dlx.publish(self._amqp_message(parked, headers), queue, mandatory=True)
+        except Exception as exc:
+            raise self._publish_error(parked, exc) from None
+        log.info("transport.parked", queue=queue, message_id=message.message_id, reason=reason)
+
+    async def parked(self, queue: str, limit: int = 100) -> list[Parked]:
+        found: list[Parked] = []
+        # Messages taken with basic.get stay unacked and return to the parking lot when
+        # the channel closes: listing never consumes.
+        async with self._conn().channel() as channel:
+            lot = await channel.get_queue(parking_lot(queue), ensure=True)
+            while len(found) < limit:
+                message = await lot.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                found.append(self._parked(queue, message))
+        return found
+
+    @staticmethod
+    def _parked(queue: str, message: AbstractIncomingMessage) -> Parked:
+        headers = message.headers or {}
+        reason = _text(headers.get(PARK_REASON, ""))
+        parked_at = float(_text(headers.get(PARKED_AT, "0")) or 0)
+        if not reason:
+            deaths = headers.get("x-death")
+            death = deaths[0] if isinstance(deaths, list) and deaths else {}
+            broker_reason = _text(death.get("reason", "unknown"))
+            reason = DELIVERY_LIMIT_REASON if broker_reason == "delivery_limit" else broker_reason
+            when = death.get("time")
+            parked_at = when.timestamp() if hasattr(when, "timestamp") else time.time()
+        return Parked(
+            queue=queue,
+            message_id=message.message_id or "",
+            routing_key=_original_routing_key(message),
+            body=message.body,
+            reason=reason,
+            parked_at=parked_at,
+            headers=_user_headers(headers),
+        )
+
+    async def replay_parked(self, queue: str, message_ids: Sequence[str] | None = None) -> int:
+        wanted = None if message_ids is None else set(message_ids)
+        moved = 0
+        async with self._conn().channel(publisher_confirms=True, on_return_raises=True) as channel:
+            lot = await channel.declare_queue(
+                parking_lot(queue), durable=True, arguments={"x-queue-type": "quorum"}
+            )
+            pending = lot.declaration_result.message_count or 0
+            for _ in range(pending):
+                message = await lot.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                if wanted is not None and (message.message_id or "") not in wanted:
+                    continue  # stays unacked, returns to the lot when the channel closes
+                replay = Outgoing(
+                    queue,
+                    message.body,
+                    message.message_id or "",
+                    headers={
+                        **_user_headers(message.headers or {}),
+                        ORIGINAL_ROUTING_KEY: _original_routing_key(message),
+                    },
+                )
+                # The default exchange delivers to exactly this queue, not to every
+                # queue bound for the original routing key.
+                await channel.default_exchange.publish(
+                    self._amqp_message(replay), queue, mandatory=True
+                )
+                await message.ack()
+                moved += 1
+        return moved
+
+    async def queue_depths(self) -> dict[str, int]:
+        depths: dict[str, int] = {}
+        async with self._conn().channel() as channel:
+            for queue in self._declared:
+                for name in (queue, parking_lot(queue)):
+                    declared = await channel.declare_queue(name, passive=True)
+                    depths[name] = declared.declaration_result.message_count or 0
+        return depths
+
+    async def delete_topology(self) -> None:
+        """Delete the queues and exchanges this transport declared (tests, teardown)."""
+        async with self._conn().channel() as channel:
+            for queue in self._declared:
+                await channel.queue_delete(queue)
+                await channel.queue_delete(parking_lot(queue))
+            await channel.exchange_delete(self._exchange_name)
+            await channel.exchange_delete(self._dlx_name)
+        self._declared.clear()
