@@ -1,0 +1,1204 @@
+"""The JPKI CA: key generations, persons, card and phone certificates, statuses, CRL, OCSP.
+
+Usage for simulated My Number Cards (``device_sim/card.py``) and tests: open the CA once
+with ``ca = await CertificateAuthority.open(data_dir, Passphrase(b"at least 8 bytes"))``
+(SQLite in ``data_dir`` unless ``db_url=``; generation 1 of both CAs is created on first
+open), describe the holder as ``Person(person_id, BasicFacts(name, date_of_birth, Sex.MALE,
+address), prefecture, city)`` (the person id links a person's card certificates across
+renewals), then ``card = await ca.issue_card_certificates(person, auth_public_key,
+sign_public_key, card_expiry=datetime(...))`` gives ``card.auth`` / ``card.sign``
+(``IssuedCertificate``: ``.der``, ``.serial``, ``.ca_der``) for EF 000A/000B/0001/0002. A
+caller that must answer synchronously (``device_sim.card.CardIssuer``) calls
+``pending = ca.build_card_certificates(...)`` inside its callback, returns the DER from
+``pending.auth`` / ``pending.sign``, and afterwards ``await ca.record_card_certificates(pending)``:
+the card's certificates are unknown to verification until recorded. Issuing card
+certificates for a person who already holds some is a card renewal: the old ones are
+revoked (superseded) and, by cascade, the phone certificates issued from them.
+``await ca.revoke(serial, Cause.CARD_FACTS_CHANGED)`` revokes a card signing certificate
+(and, by cascade, the phone signing certificates issued from it). ``await ca.close()``.
+
+This object is the storage-backed core; the message shell is ``workers/ca/service.py``, the
+HTTP shell ``workers/ca/http.py``. The clock and randomness are injected for tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import structlog
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509 import ocsp
+from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from infra.db.database import Database
+from workers.ca import tables as t
+from workers.ca.application import (
+    Application,
+    SeIdentity,
+    application_digest,
+    parse_application,
+    verify_card_signature,
+    verify_proof_of_possession,
+)
+from workers.ca.errors import (
+    ApplicationNotVerified,
+    CardCertificateExpired,
+    CardCertificateRevoked,
+    CertificateNotFound,
+    InvalidRequest,
+    InvalidTransition,
+    MalformedApplication,
+    NonceExpired,
+    NonceReplayed,
+    NonceUnknown,
+    UnknownCardCertificate,
+    UntrustedCardCertificate,
+    WrongSecureElement,
+)
+from workers.ca.keystore import Passphrase, read_key, write_key
+from workers.ca.profiles import (
+    RSA_BITS,
+    RSA_EXPONENT,
+    BasicFacts,
+    CaKind,
+    CaNames,
+    CertType,
+    Holder,
+    Issuer,
+    Sex,
+    auth_subject,
+    authority_key_identifier,
+    build_ca_certificate,
+    build_end_entity,
+    require_rsa_2048,
+    sign_subject,
+)
+from workers.ca.revocation import (
+    HOLD_CAUSES,
+    REASON_FOR_CAUSE,
+    RELEASE_CAUSES,
+    Cause,
+    OcspAnswer,
+    RevokedEntry,
+    Status,
+    build_crl,
+    build_ocsp_response,
+    issuer_key_hash,
+)
+from workers.ca.state_check import ExistingCertificate, StateCheck, decide_branch
+
+log = structlog.get_logger("ca")
+
+Clock = Callable[[], datetime]
+RandomBytes = Callable[[int], bytes]
+KeyFactory = Callable[[], rsa.RSAPrivateKey]
+
+CA_VALIDITY = timedelta(days=20 * 365)
+CRL_VALIDITY = timedelta(hours=24)
+OCSP_VALIDITY = timedelta(hours=1)
+# A signed application is good this long after ``requested_at`` (the card session; seed §3.(2)).
+APPLICATION_FRESHNESS = timedelta(minutes=15)
+CLOCK_SKEW = timedelta(minutes=2)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _new_rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=RSA_EXPONENT, key_size=RSA_BITS)
+
+
+def serial_hex(serial: int) -> str:
+    return f"{serial:040X}"
+
+
+def _aware(moment: datetime) -> datetime:
+    # SQLite hands back naive datetimes for DateTime(timezone=True); every time we store is UTC
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Person:
+    person_id: str
+    facts: BasicFacts
+    prefecture: str
+    city: str
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedCertificate:
+    serial: str  # 40 upper-case hex digits
+    cert_type: CertType
+    der: bytes
+    not_after: datetime
+    ca_der: bytes  # the issuing CA generation's certificate
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return x509.load_der_x509_certificate(self.der)
+
+
+@dataclass(frozen=True, slots=True)
+class CardCertificates:
+    person_id: str
+    auth: IssuedCertificate
+    sign: IssuedCertificate
+    revoked_previous: tuple[str, ...]  # serials revoked by this renewal (card and phone)
+
+    @property
+    def auth_ca_der(self) -> bytes:
+        return self.auth.ca_der
+
+    @property
+    def sign_ca_der(self) -> bytes:
+        return self.sign.ca_der
+
+
+@dataclass(frozen=True, slots=True)
+class PendingCardCertificates:
+    """Card certificates signed but not yet recorded (see ``build_card_certificates``)."""
+
+    person: Person
+    issued_at: datetime
+    auth: IssuedCertificate
+    sign: IssuedCertificate
+    auth_generation: int
+    sign_generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRequest:
+    """A public key from the applet with the proof of possession the TSM forwards."""
+
+    cert_type: CertType
+    public_key_der: bytes  # SubjectPublicKeyInfo
+    proof: bytes  # PKCS#1 v1.5 signature over pop_challenge(...)
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedApplication:
+    saga_id: str
+    person_id: str
+    se: SeIdentity
+    card_serial: str
+    certificates: tuple[CertType, ...]
+    pin_option: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class StatusChange:
+    serial: str
+    cert_type: CertType
+    holder: Holder
+    status: Status
+    reason: str | None
+    changed: bool  # False when the certificate already had this status (idempotent repeat)
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateRecord:
+    serial: str
+    ca_kind: CaKind
+    ca_generation: int
+    holder: Holder
+    cert_type: CertType
+    person_id: str
+    se_cin: str | None
+    card_serial: str | None
+    saga_id: str | None
+    status: Status
+    reason: str | None
+    cause: str | None
+    status_changed_at: datetime | None
+    not_before: datetime
+    not_after: datetime
+    der: bytes
+
+    @classmethod
+    def from_row(cls, row: Any) -> CertificateRecord:
+        return cls(
+            serial=row.serial,
+            ca_kind=CaKind(row.ca_kind),
+            ca_generation=row.ca_generation,
+            holder=Holder(row.holder),
+            cert_type=CertType(row.cert_type),
+            person_id=row.person_id,
+            se_cin=row.se_cin,
+            card_serial=row.card_serial,
+            saga_id=row.saga_id,
+            status=Status(row.status),
+            reason=row.reason,
+            cause=row.cause,
+            status_changed_at=_aware(row.status_changed_at) if row.status_changed_at else None,
+            not_before=_aware(row.not_before),
+            not_after=_aware(row.not_after),
+            der=row.der,
+        )
+
+
+class CertificateAuthority:
+    """Both JPKI CAs over one store. Create with ``await CertificateAuthority.open(...)``."""
+
+    def __init__(
+        self,
+        db: Database,
+        data_dir: Path,
+        passphrase: Passphrase,
+        *,
+        names: CaNames,
+        clock: Clock,
+        random_bytes: RandomBytes,
+        new_key: KeyFactory,
+    ) -> None:
+        self._db = db
+        self._data_dir = data_dir
+        self._passphrase = passphrase
+        self._names = names
+        self._clock = clock
+        self._random = random_bytes
+        self._new_key = new_key
+        self._issuers: dict[tuple[CaKind, int], Issuer] = {}
+        self._active: dict[CaKind, int] = {}
+
+    def __repr__(self) -> str:
+        return f"CertificateAuthority({self._db!r}, generations={sorted(self._issuers)})"
+
+    # ---------------------------------------------------------------- set-up and keys
+
+    @classmethod
+    async def open(
+        cls,
+        data_dir: str | Path,
+        passphrase: Passphrase,
+        *,
+        db_url: str | None = None,
+        names: CaNames | None = None,
+        clock: Clock = _utc_now,
+        random_bytes: RandomBytes = os.urandom,
+        new_key: KeyFactory = _new_rsa_key,
+        db: Database | None = None,
+    ) -> CertificateAuthority:
+        """Open the CA in ``data_dir`` (key files; SQLite unless ``db_url``/``db``), migrate its
+        tables and create generation 1 of each CA if there is none yet."""
+        from infra.db.migrate import upgrade
+
+        data_dir = Path(data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        database = db or Database.for_service("ca", url=db_url, data_dir=data_dir)
+        await upgrade(database, "ca")
+        ca = cls(
+            database,
+            data_dir,
+            passphrase,
+            names=names or CaNames(),
+            clock=clock,
+            random_bytes=random_bytes,
+            new_key=new_key,
+        )
+        await ca.load_generations()
+        for kind in CaKind:
+            if kind not in ca._active:
+                await ca.rollover(kind)
+        return ca
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    @property
+    def database(self) -> Database:
+        return self._db
+
+    async def load_generations(self) -> None:
+        """(Re)load every CA generation and its key (after another replica rolled over)."""
+        async with self._db.transaction() as conn:
+            rows = (await conn.execute(select(t.ca_generations))).all()
+        for row in rows:
+            kind = CaKind(row.kind)
+            if (kind, row.generation) not in self._issuers:
+                self._issuers[(kind, row.generation)] = Issuer(
+                    kind=kind,
+                    generation=row.generation,
+                    certificate=x509.load_der_x509_certificate(row.certificate),
+                    key=read_key(self._data_dir / row.key_file, self._passphrase),
+                )
+            if row.active:
+                self._active[kind] = row.generation
+
+    def issuer(self, kind: CaKind, generation: int | None = None) -> Issuer:
+        generation = self._active[kind] if generation is None else generation
+        try:
+            return self._issuers[(kind, generation)]
+        except KeyError:
+            raise InvalidRequest(f"no {kind.value} CA generation {generation}") from None
+
+    def generations(self) -> list[Issuer]:
+        return [self._issuers[key] for key in sorted(self._issuers)]
+
+    def _issuer_by_key_id(self, key_id: bytes | None) -> Issuer | None:
+        for issuer in self._issuers.values():
+            if issuer.key_id == key_id:
+                return issuer
+        return None
+
+    async def rollover(self, kind: CaKind) -> Issuer:
+        """A new key generation under the same CA name; it signs everything from now on.
+
+        Older generations keep answering OCSP and publishing CRLs for what they issued.
+        """
+        now = self._clock()
+        generation = max((g for k, g in self._issuers if k is kind), default=0) + 1
+        key = self._new_key()
+        certificate = build_ca_certificate(
+            name=self._names.for_kind(kind),
+            key=key,
+            serial=self._serial(),
+            not_before=now - timedelta(minutes=5),
+            not_after=now + CA_VALIDITY,
+        )
+        key_file = f"keys/{kind.value}-ca-g{generation}.key.pem"
+        write_key(self._data_dir / key_file, key, self._passphrase)
+        issuer = Issuer(kind=kind, generation=generation, certificate=certificate, key=key)
+        async with self._db.transaction() as conn:
+            await conn.execute(
+                update(t.ca_generations)
+                .where(t.ca_generations.c.kind == kind.value)
+                .values(active=False)
+            )
+            await conn.execute(
+                insert(t.ca_generations).values(
+                    kind=kind.value,
+                    generation=generation,
+                    key_id=issuer.key_id.hex().upper(),
+                    certificate=certificate.public_bytes(serialization.Encoding.DER),
+                    key_file=key_file,
+                    active=True,
+                    created_at=now,
+                    crl_number=0,
+                    crl_dirty=True,
+                )
+            )
+        self._issuers[(kind, generation)] = issuer
+        self._active[kind] = generation
+        log.info("ca.rollover", kind=kind.value, generation=generation, key_id=issuer.key_id.hex())
+        return issuer
+
+    def _serial(self) -> int:
+        # RFC 5280 §4.1.2.2: positive, at most 20 octets; 159 random bits (CA/B style)
+        return (int.from_bytes(self._random(20), "big") >> 1) or 1
+
+    def _opaque_id(self) -> str:
+        return self._random(12).hex().upper()
+
+    # ---------------------------------------------------------------- card certificates
+
+    async def issue_card_certificates(
+        self,
+        person: Person,
+        auth_public_key: rsa.RSAPublicKey,
+        sign_public_key: rsa.RSAPublicKey,
+        *,
+        card_expiry: datetime,
+    ) -> CardCertificates:
+        """Certificates for a simulated My Number Card whose applet generated these keys.
+
+        Validity: to the 5th birthday after issue, capped at the card's expiry (DOMAIN §2).
+        A person who already has card certificates is renewing the card: the old ones are
+        revoked (superseded) and their phone certificates with them.
+        """
+        pending = self.build_card_certificates(
+            person, auth_public_key, sign_public_key, card_expiry=card_expiry
+        )
+        return await self.record_card_certificates(pending)
+
+    def build_card_certificates(
+        self,
+        person: Person,
+        auth_public_key: rsa.RSAPublicKey,
+        sign_public_key: rsa.RSAPublicKey,
+        *,
+        card_expiry: datetime,
+    ) -> PendingCardCertificates:
+        """The signing half of ``issue_card_certificates``, synchronous and without storage,
+        for a caller that must answer synchronously (``device_sim.card``'s ``CardIssuer``).
+        Nothing is valid until ``record_card_certificates`` stored it."""
+        require_rsa_2048(auth_public_key)
+        require_rsa_2048(sign_public_key)
+        now = self._clock()
+        not_after = min(_fifth_birthday_after(person.facts.date_of_birth, now), _aware(card_expiry))
+        if not_after <= now:
+            raise InvalidRequest("the card expires before its certificates could start")
+        auth_issuer, sign_issuer = self.issuer(CaKind.AUTH), self.issuer(CaKind.SIGN)
+        auth = build_end_entity(
+            issuer=auth_issuer,
+            cert_type=CertType.AUTH,
+            subject=auth_subject(self._opaque_id()),
+            public_key=auth_public_key,
+            serial=self._serial(),
+            not_before=now,
+            not_after=not_after,
+            facts=None,
+        )
+        sign = build_end_entity(
+            issuer=sign_issuer,
+            cert_type=CertType.SIGN,
+            subject=sign_subject(person.prefecture, person.city, self._opaque_id()),
+            public_key=sign_public_key,
+            serial=self._serial(),
+            not_before=now,
+            not_after=not_after,
+            facts=person.facts,
+        )
+        return PendingCardCertificates(
+            person=person,
+            issued_at=now,
+            auth=self._issued(auth, CertType.AUTH, auth_issuer),
+            sign=self._issued(sign, CertType.SIGN, sign_issuer),
+            auth_generation=auth_issuer.generation,
+            sign_generation=sign_issuer.generation,
+        )
+
+    async def record_card_certificates(self, pending: PendingCardCertificates) -> CardCertificates:
+        """Store card certificates built by ``build_card_certificates`` (renewal included)."""
+        person, now = pending.person, pending.issued_at
+        async with self._db.transaction() as conn:
+            await self._upsert_person(conn, person, now)
+            previous = await self._active_certificates(
+                conn, person_id=person.person_id, holder=Holder.CARD
+            )
+            revoked: list[StatusChange] = []
+            for record in previous:
+                revoked += await self._apply(conn, record, Status.REVOKED, Cause.CARD_RENEWED, now)
+            for issued, generation in (
+                (pending.auth, pending.auth_generation),
+                (pending.sign, pending.sign_generation),
+            ):
+                issuer = self.issuer(issued.cert_type.ca_kind, generation)
+                await self._insert_certificate(
+                    conn,
+                    issued.certificate,
+                    issuer,
+                    Holder.CARD,
+                    person.person_id,
+                    None,
+                    None,
+                    None,
+                    now,
+                )
+        log.info(
+            "ca.card_issued",
+            person_id=person.person_id,
+            auth_serial=pending.auth.serial,
+            sign_serial=pending.sign.serial,
+            renewal=bool(previous),
+        )
+        return CardCertificates(
+            person_id=person.person_id,
+            auth=pending.auth,
+            sign=pending.sign,
+            revoked_previous=tuple(change.serial for change in revoked if change.changed),
+        )
+
+    async def _upsert_person(self, conn: AsyncConnection, person: Person, now: datetime) -> None:
+        values = {
+            "name": person.facts.name,
+            "date_of_birth": person.facts.date_of_birth,
+            "sex": person.facts.sex.value,
+            "address": person.facts.address,
+            "prefecture": person.prefecture,
+            "city": person.city,
+        }
+        result = await conn.execute(
+            update(t.persons).where(t.persons.c.person_id == person.person_id).values(**values)
+        )
+        if result.rowcount == 0:
+            await conn.execute(
+                insert(t.persons).values(person_id=person.person_id, created_at=now, **values)
+            )
+
+    async def person(self, person_id: str) -> Person | None:
+        async with self._db.transaction() as conn:
+            row = (
+                await conn.execute(select(t.persons).where(t.persons.c.person_id == person_id))
+            ).first()
+        if row is None:
+            return None
+        return Person(
+            person_id=row.person_id,
+            facts=BasicFacts(
+                name=row.name,
+                date_of_birth=row.date_of_birth,
+                sex=Sex(row.sex),
+                address=row.address,
+            ),
+            prefecture=row.prefecture,
+            city=row.city,
+        )
+
+    # ---------------------------------------------------------------- applications
+
+    async def verify_application(
+        self,
+        *,
+        saga_id: str,
+        expected_nonce: bytes,
+        expected_se: SeIdentity,
+        to_be_signed: bytes,
+        signature: bytes,
+        card_certificate: bytes,
+    ) -> VerifiedApplication:
+        """FLOWS §1 step 6. Raises a distinct ``ApplicationRefused`` subclass per reason; on
+        success records the verified application (what issuance in this saga relies on) and
+        consumes the nonce. A redelivered request for the same saga and bytes returns the
+        same result."""
+        now = self._clock()
+        try:
+            card_cert = x509.load_der_x509_certificate(card_certificate)
+        except ValueError:
+            raise MalformedApplication("the card certificate is not DER X.509") from None
+        issuer = self._issuer_by_key_id(authority_key_identifier(card_cert))
+        if issuer is None or issuer.kind is not CaKind.SIGN:
+            raise UntrustedCardCertificate("the card certificate is not from our signing CA")
+        try:
+            card_cert.verify_directly_issued_by(issuer.certificate)
+        except (ValueError, TypeError, x509.InvalidSignature):
+            raise UntrustedCardCertificate(
+                "the card certificate's signature does not verify"
+            ) from None
+        verify_card_signature(card_cert.public_key(), signature, to_be_signed)
+        application = parse_application(to_be_signed)
+        digest = application_digest(to_be_signed)
+        serial = serial_hex(card_cert.serial_number)
+
+        async with self._db.transaction() as conn:
+            record = await self._certificate(conn, serial)
+            if record is None or record.holder is not Holder.CARD or record.der != card_certificate:
+                raise UnknownCardCertificate("the card certificate was not issued to a card by us")
+            if record.cert_type is not CertType.SIGN:
+                raise UntrustedCardCertificate("applications are signed with the card signing key")
+            if not record.not_before <= now < record.not_after:
+                raise CardCertificateExpired("the card certificate is not within its validity")
+            if record.status is not Status.VALID:
+                raise CardCertificateRevoked(f"the card certificate is {record.status.value}")
+            used = (
+                await conn.execute(
+                    select(t.used_nonces).where(t.used_nonces.c.nonce == application.nonce.hex())
+                )
+            ).first()
+            if used is not None:
+                if used.saga_id == saga_id and used.application_digest == digest:
+                    existing = await self._verified(conn, saga_id)
+                    if existing is not None:
+                        return existing
+                raise NonceReplayed("this nonce was already used by an application")
+            if application.nonce != expected_nonce or application.application_id != saga_id:
+                raise NonceUnknown("the application was not made for this saga's nonce")
+            requested_at = application.requested_at
+            if requested_at > now + CLOCK_SKEW or now - requested_at > APPLICATION_FRESHNESS:
+                raise NonceExpired("the application is not fresh")
+            if application.se != expected_se:
+                raise WrongSecureElement("the application names another secure element")
+            if await self._verified(conn, saga_id) is not None:
+                raise NonceReplayed("this saga already has a verified application")
+            await conn.execute(
+                insert(t.used_nonces).values(
+                    nonce=application.nonce.hex(),
+                    saga_id=saga_id,
+                    application_digest=digest,
+                    used_at=now,
+                )
+            )
+            await conn.execute(
+                insert(t.applications).values(
+                    saga_id=saga_id,
+                    person_id=record.person_id,
+                    se_cin=application.se.cin,
+                    se_kdd=application.se.kdd,
+                    card_serial=serial,
+                    cert_types=",".join(sorted(set(application.certificates))),
+                    pin_option=application.pin_option,
+                    application_digest=digest,
+                    verified_at=now,
+                )
+            )
+        log.info(
+            "ca.application_verified",
+            saga_id=saga_id,
+            person_id=record.person_id,
+            se=application.se.cin,
+        )
+        return _verified_from(application, saga_id, record.person_id, serial)
+
+    async def _verified(self, conn: AsyncConnection, saga_id: str) -> VerifiedApplication | None:
+        row = (
+            await conn.execute(select(t.applications).where(t.applications.c.saga_id == saga_id))
+        ).first()
+        if row is None:
+            return None
+        return VerifiedApplication(
+            saga_id=row.saga_id,
+            person_id=row.person_id,
+            se=SeIdentity(cin=row.se_cin, kdd=row.se_kdd),
+            card_serial=row.card_serial,
+            certificates=tuple(CertType(c) for c in row.cert_types.split(",")),
+            pin_option=row.pin_option,
+        )
+
+    async def verified_application(self, saga_id: str) -> VerifiedApplication:
+        async with self._db.transaction() as conn:
+            verified = await self._verified(conn, saga_id)
+        if verified is None:
+            raise ApplicationNotVerified("no verified application for this saga")
+        return verified
+
+    # ---------------------------------------------------------------- phase-3 state check
+
+    async def state_check(self, saga_id: str) -> StateCheck:
+        """FLOWS §3: the branch for the person and SE of this saga's verified application."""
+        now = self._clock()
+        async with self._db.transaction() as conn:
+            verified = await self._verified(conn, saga_id)
+            if verified is None:
+                raise ApplicationNotVerified("no verified application for this saga")
+            card = await self._certificate(conn, verified.card_serial)
+            rows = (
+                await conn.execute(
+                    select(t.certificates).where(
+                        t.certificates.c.person_id == verified.person_id,
+                        t.certificates.c.holder == Holder.PHONE.value,
+                        t.certificates.c.status != Status.REVOKED.value,
+                        or_(
+                            t.certificates.c.saga_id.is_(None), t.certificates.c.saga_id != saga_id
+                        ),
+                    )
+                )
+            ).all()
+        if card is None:
+            raise CertificateNotFound("the application's card certificate is gone")
+        existing = [
+            ExistingCertificate(
+                serial=r.serial,
+                cert_type=CertType(r.cert_type),
+                se_cin=r.se_cin or "",
+                status=Status(r.status),
+                expired=_aware(r.not_after) <= now,
+            )
+            for r in rows
+        ]
+        card_usable = card.status is Status.VALID and card.not_after > now
+        return decide_branch(verified.se.cin, existing, card_usable=card_usable)
+
+    # ---------------------------------------------------------------- phone certificates
+
+    async def issue(self, saga_id: str, requests: Sequence[KeyRequest]) -> list[IssuedCertificate]:
+        """FLOWS §1 step 9: one or two phone certificates, idempotent by (saga, type)."""
+        types = [request.cert_type for request in requests]
+        if not requests or len(set(types)) != len(types):
+            raise InvalidRequest("ask for one or two distinct certificate types")
+        try:
+            return await self._issue_once(saga_id, requests)
+        except IntegrityError:
+            # a concurrent redelivery inserted first; the second pass returns what it issued
+            return await self._issue_once(saga_id, requests)
+
+    async def _issue_once(
+        self, saga_id: str, requests: Sequence[KeyRequest]
+    ) -> list[IssuedCertificate]:
+        now = self._clock()
+        async with self._db.transaction() as conn:
+            verified = await self._verified(conn, saga_id)
+            if verified is None:
+                raise ApplicationNotVerified("no verified application for this saga")
+            card = await self._certificate(conn, verified.card_serial)
+            existing = {
+                CertType(r.cert_type): r
+                for r in (
+                    await conn.execute(
+                        select(t.certificates).where(t.certificates.c.saga_id == saga_id)
+                    )
+                ).all()
+            }
+        if card is None:
+            raise CertificateNotFound("the application's card certificate is gone")
+        results: dict[CertType, IssuedCertificate] = {}
+        fresh: list[tuple[x509.Certificate, Issuer]] = []
+        for request in requests:
+            if request.cert_type not in verified.certificates:
+                raise InvalidRequest(
+                    f"the application did not ask for a {request.cert_type.value} certificate"
+                )
+            row = existing.get(request.cert_type)
+            if row is not None:
+                stored = x509.load_der_x509_certificate(row.der)
+                if (
+                    stored.public_key().public_bytes(
+                        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+                    )
+                    != request.public_key_der
+                ):
+                    raise InvalidRequest("this saga already certified another key of this type")
+                results[request.cert_type] = self._issued(
+                    stored, request.cert_type, self.issuer(CaKind(row.ca_kind), row.ca_generation)
+                )
+                continue
+            key = verify_proof_of_possession(
+                saga_id, request.cert_type, request.public_key_der, request.proof
+            )
+            if card.status is not Status.VALID:
+                raise CardCertificateRevoked("the card certificate is no longer valid")
+            if card.not_after <= now:
+                raise CardCertificateExpired("the card certificate has expired")
+            issuer = self.issuer(request.cert_type.ca_kind)
+            cert = self._build_phone_certificate(request.cert_type, key, card, issuer, now)
+            fresh.append((cert, issuer))
+            results[request.cert_type] = self._issued(cert, request.cert_type, issuer)
+        if fresh:
+            async with self._db.transaction() as conn:
+                for cert, issuer in fresh:
+                    await self._insert_certificate(
+                        conn,
+                        cert,
+                        issuer,
+                        Holder.PHONE,
+                        verified.person_id,
+                        verified.se.cin,
+                        card.serial,
+                        saga_id,
+                        now,
+                    )
+            log.info(
+                "ca.phone_issued",
+                saga_id=saga_id,
+                se=verified.se.cin,
+                serials=[serial_hex(cert.serial_number) for cert, _ in fresh],
+            )
+        return [results[request.cert_type] for request in requests]
+
+    def _build_phone_certificate(
+        self,
+        cert_type: CertType,
+        key: rsa.RSAPublicKey,
+        card: CertificateRecord,
+        issuer: Issuer,
+        now: datetime,
+    ) -> x509.Certificate:
+        card_cert = x509.load_der_x509_certificate(card.der)
+        if cert_type is CertType.SIGN:
+            # the four basic facts and the localities come from the card signing certificate
+            localities = [a.value for a in card_cert.subject if a.oid == x509.NameOID.LOCALITY_NAME]
+            if len(localities) != 2:
+                raise InvalidRequest("the card signing certificate lacks prefecture and city")
+            subject = sign_subject(str(localities[0]), str(localities[1]), self._opaque_id())
+            san = card_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        else:
+            subject = auth_subject(self._opaque_id())
+            san = None
+        return build_end_entity(
+            issuer=issuer,
+            cert_type=cert_type,
+            subject=subject,
+            public_key=key,
+            serial=self._serial(),
+            not_before=now,
+            # DOMAIN §2: a smartphone certificate expires with the card certificate it came from
+            not_after=card.not_after,
+            facts=None,
+            subject_alt_name=san,
+        )
+
+    def _issued(
+        self, cert: x509.Certificate, cert_type: CertType, issuer: Issuer
+    ) -> IssuedCertificate:
+        return IssuedCertificate(
+            serial=serial_hex(cert.serial_number),
+            cert_type=cert_type,
+            der=cert.public_bytes(serialization.Encoding.DER),
+            not_after=cert.not_valid_after_utc,
+            ca_der=issuer.certificate.public_bytes(serialization.Encoding.DER),
+        )
+
+    async def _insert_certificate(
+        self,
+        conn: AsyncConnection,
+        cert: x509.Certificate,
+        issuer: Issuer,
+        holder: Holder,
+        person_id: str,
+        se_cin: str | None,
+        card_serial: str | None,
+        saga_id: str | None,
+        now: datetime,
+    ) -> None:
+        await conn.execute(
+            insert(t.certificates).values(
+                serial=serial_hex(cert.serial_number),
+                ca_kind=issuer.kind.value,
+                ca_generation=issuer.generation,
+                holder=holder.value,
+                cert_type=issuer.kind.value,
+                person_id=person_id,
+                se_cin=se_cin,
+                card_serial=card_serial,
+                saga_id=saga_id,
+                status=Status.VALID.value,
+                not_before=cert.not_valid_before_utc,
+                not_after=cert.not_valid_after_utc,
+                issued_at=now,
+                der=cert.public_bytes(serialization.Encoding.DER),
+            )
+        )
+
+    # ---------------------------------------------------------------- statuses
+
+    async def certificate(self, serial: str) -> CertificateRecord:
+        async with self._db.transaction() as conn:
+            record = await self._certificate(conn, serial.upper().zfill(40))
+        if record is None:
+            raise CertificateNotFound("no certificate with this serial")
+        return record
+
+    async def certificates(
+        self,
+        *,
+        person_id: str | None = None,
+        se_cin: str | None = None,
+        holder: Holder | None = None,
+    ) -> list[CertificateRecord]:
+        query = select(t.certificates).order_by(t.certificates.c.issued_at, t.certificates.c.serial)
+        if person_id is not None:
+            query = query.where(t.certificates.c.person_id == person_id)
+        if se_cin is not None:
+            query = query.where(t.certificates.c.se_cin == se_cin)
+        if holder is not None:
+            query = query.where(t.certificates.c.holder == holder.value)
+        async with self._db.transaction() as conn:
+            rows = (await conn.execute(query)).all()
+        return [CertificateRecord.from_row(row) for row in rows]
+
+    async def _certificate(self, conn: AsyncConnection, serial: str) -> CertificateRecord | None:
+        row = (
+            await conn.execute(select(t.certificates).where(t.certificates.c.serial == serial))
+        ).first()
+        return None if row is None else CertificateRecord.from_row(row)
+
+    async def _active_certificates(
+        self,
+        conn: AsyncConnection,
+        *,
+        person_id: str | None = None,
+        se_cin: str | None = None,
+        holder: Holder | None = None,
+        card_serial: str | None = None,
+    ) -> list[CertificateRecord]:
+        conditions = [t.certificates.c.status != Status.REVOKED.value]
+        if person_id is not None:
+            conditions.append(t.certificates.c.person_id == person_id)
+        if se_cin is not None:
+            conditions.append(t.certificates.c.se_cin == se_cin)
+        if holder is not None:
+            conditions.append(t.certificates.c.holder == holder.value)
+        if card_serial is not None:
+            conditions.append(t.certificates.c.card_serial == card_serial)
+        rows = (await conn.execute(select(t.certificates).where(and_(*conditions)))).all()
+        return [CertificateRecord.from_row(row) for row in rows]
+
+    async def change_status(self, serial: str, target: Status, cause: Cause) -> list[StatusChange]:
+        """Hold, release or revoke one certificate (with cascades); returns every change."""
+        now = self._clock()
+        async with self._db.transaction() as conn:
+            record = await self._certificate(conn, serial.upper().zfill(40))
+            if record is None:
+                raise CertificateNotFound("no certificate with this serial")
+            return await self._apply(conn, record, target, cause, now)
+
+    async def hold(self, serial: str, cause: Cause = Cause.TEMPORARY_LOSS) -> list[StatusChange]:
+        return await self.change_status(serial, Status.HELD, cause)
+
+    async def release(self, serial: str, cause: Cause = Cause.FOUND) -> list[StatusChange]:
+        return await self.change_status(serial, Status.VALID, cause)
+
+    async def revoke(self, serial: str, cause: Cause) -> list[StatusChange]:
+        return await self.change_status(serial, Status.REVOKED, cause)
+
+    async def change_status_of(
+        self,
+        target: Status,
+        cause: Cause,
+        *,
+        se_cin: str | None = None,
+        person_id: str | None = None,
+        cert_types: Sequence[CertType] = (CertType.AUTH, CertType.SIGN),
+    ) -> list[StatusChange]:
+        """The same for every phone certificate on an SE or of a person that is not revoked."""
+        if se_cin is None and person_id is None:
+            raise InvalidRequest("name an SE or a person")
+        now = self._clock()
+        changes: list[StatusChange] = []
+        async with self._db.transaction() as conn:
+            records = await self._active_certificates(
+                conn, person_id=person_id, se_cin=se_cin, holder=Holder.PHONE
+            )
+            for record in records:
+                if record.cert_type not in cert_types:
+                    continue
+                if target is Status.VALID and record.status is not Status.HELD:
+                    continue  # releasing "all on this SE" touches only the held ones
+                changes += await self._apply(conn, record, target, cause, now)
+        return changes
+
+    async def _apply(
+        self,
+        conn: AsyncConnection,
+        record: CertificateRecord,
+        target: Status,
+        cause: Cause,
+        now: datetime,
+    ) -> list[StatusChange]:
+        _check_cause(target, cause)
+        if record.status is target:
+            if target is not Status.VALID or record.cause == cause.value:
+                return [_change(record, target, record.reason, changed=False)]
+        if record.status is Status.REVOKED:
+            raise InvalidTransition("a revoked certificate stays revoked")
+        if target is Status.VALID and record.status is not Status.HELD:
+            raise InvalidTransition("only a held certificate can be released")
+        reason = None if target is Status.VALID else REASON_FOR_CAUSE[cause].name
+        await conn.execute(
+            update(t.certificates)
+            .where(t.certificates.c.serial == record.serial)
+            .values(status=target.value, reason=reason, cause=cause.value, status_changed_at=now)
+        )
+        await conn.execute(
+            update(t.ca_generations)
+            .where(
+                t.ca_generations.c.kind == record.ca_kind.value,
+                t.ca_generations.c.generation == record.ca_generation,
+            )
+            .values(crl_dirty=True)
+        )
+        log.info(
+            "ca.status_changed",
+            serial=record.serial,
+            holder=record.holder.value,
+            cert_type=record.cert_type.value,
+            status=target.value,
+            cause=cause.value,
+            reason=reason,
+        )
+        changes = [_change(record, target, reason, changed=True)]
+        if record.holder is Holder.CARD and target is Status.REVOKED:
+            changes += await self._cascade(conn, record, cause, now)
+        return changes
+
+    async def _cascade(
+        self, conn: AsyncConnection, card: CertificateRecord, cause: Cause, now: datetime
+    ) -> list[StatusChange]:
+        """Card signing certificate revoked → the phone signing certificates issued from it;
+        card renewed → every phone certificate issued from the old card (DOMAIN §2, FLOWS §4)."""
+        if card.cert_type is not CertType.SIGN:
+            return []  # phone certificates link to the card signing certificate
+        phone_cause = (
+            Cause.CARD_RENEWED if cause is Cause.CARD_RENEWED else Cause.CARD_FACTS_CHANGED
+        )
+        types = {CertType.AUTH, CertType.SIGN} if cause is Cause.CARD_RENEWED else {CertType.SIGN}
+        changes: list[StatusChange] = []
+        for record in await self._active_certificates(
+            conn, card_serial=card.serial, holder=Holder.PHONE
+        ):
+            if record.cert_type in types:
+                changes += await self._apply(conn, record, Status.REVOKED, phone_cause, now)
+        return changes
+
+    # ---------------------------------------------------------------- CRL and OCSP
+
+    async def crl(self, kind: CaKind, generation: int | None = None) -> bytes:
+        """The current complete CRL of a CA generation (DER); a new one, with the next CRL
+        number, when a status changed since the last or the last is past half its life."""
+        issuer = self.issuer(kind, generation)
+        now = self._clock()
+        async with self._db.transaction() as conn:
+            row = (
+                await conn.execute(
+                    select(t.ca_generations).where(
+                        t.ca_generations.c.kind == kind.value,
+                        t.ca_generations.c.generation == issuer.generation,
+                    )
+                )
+            ).one()
+            if row.crl is not None and not row.crl_dirty:
+                current = x509.load_der_x509_crl(row.crl)
+                if now < current.last_update_utc + CRL_VALIDITY / 2:
+                    return row.crl
+            entries = [
+                RevokedEntry(
+                    serial=int(r.serial, 16),
+                    revoked_at=_aware(r.status_changed_at),
+                    reason=x509.ReasonFlags[r.reason],
+                )
+                for r in (
+                    await conn.execute(
+                        select(t.certificates).where(
+                            t.certificates.c.ca_kind == kind.value,
+                            t.certificates.c.ca_generation == issuer.generation,
+                            t.certificates.c.status != Status.VALID.value,
+                        )
+                    )
+                ).all()
+            ]
+            number = row.crl_number + 1
+            crl = build_crl(
+                issuer, entries, number=number, this_update=now, next_update=now + CRL_VALIDITY
+            ).public_bytes(serialization.Encoding.DER)
+            await conn.execute(
+                update(t.ca_generations)
+                .where(
+                    t.ca_generations.c.kind == kind.value,
+                    t.ca_generations.c.generation == issuer.generation,
+                    t.ca_generations.c.crl_number == row.crl_number,  # monotonic across replicas
+                )
+                .values(crl_number=number, crl=crl, crl_dirty=False)
+            )
+        log.info(
+            "ca.crl_published",
+            kind=kind.value,
+            generation=issuer.generation,
+            number=number,
+            entries=len(entries),
+        )
+        return crl
+
+    async def ocsp(self, request_der: bytes) -> bytes:
+        """An RFC 6960 response (DER) to a DER OCSP request; never raises on bad input."""
+        try:
+            request = ocsp.load_der_ocsp_request(request_der)
+            algorithm = request.hash_algorithm
+        except (ValueError, TypeError, NotImplementedError):
+            return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
+        issuer = next(
+            (
+                candidate
+                for candidate in self._issuers.values()
+                if issuer_key_hash(candidate.certificate, algorithm) == request.issuer_key_hash
+            ),
+            None,
+        )
+        if issuer is None:
+            return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
+        async with self._db.transaction() as conn:
+            record = await self._certificate(conn, serial_hex(request.serial_number))
+        if (
+            record is None
+            or record.ca_kind is not issuer.kind
+            or record.ca_generation != issuer.generation
+        ):
+            answer = OcspAnswer(ocsp.OCSPCertStatus.UNKNOWN)
+        elif record.status is Status.VALID:
+            answer = OcspAnswer(ocsp.OCSPCertStatus.GOOD)
+        else:
+            answer = OcspAnswer(
+                ocsp.OCSPCertStatus.REVOKED,
+                revoked_at=record.status_changed_at,
+                reason=x509.ReasonFlags[record.reason] if record.reason else None,
+            )
+        response = build_ocsp_response(
+            issuer, request, answer, this_update=self._clock(), validity=OCSP_VALIDITY
+        )
+        return response.public_bytes(serialization.Encoding.DER)
+
+    # ---------------------------------------------------------------- export
+
+    async def export(self, out: Path) -> dict[str, int]:
+        """Every CA certificate, current CRLs, every issued certificate (PEM) and an index."""
+        files: dict[str, bytes] = {}
+        for issuer in self.generations():
+            stem = f"{issuer.kind.value}-g{issuer.generation}"
+            files[f"ca/{stem}.pem"] = issuer.certificate.public_bytes(serialization.Encoding.PEM)
+            crl = x509.load_der_x509_crl(await self.crl(issuer.kind, issuer.generation))
+            files[f"crl/{stem}.crl.pem"] = crl.public_bytes(serialization.Encoding.PEM)
+        records = await self.certificates()
+        lines = ["serial\tholder\ttype\tca_generation\tstatus\treason\tse\tperson\tnot_after"]
+        for record in records:
+            cert = x509.load_der_x509_certificate(record.der)
+            files[f"certs/{record.serial}.pem"] = cert.public_bytes(serialization.Encoding.PEM)
+            fields = [
+                record.serial,
+                record.holder.value,
+                record.cert_type.value,
+                str(record.ca_generation),
+                record.status.value,
+                record.reason or "",
+                record.se_cin or "",
+                record.person_id,
+                record.not_after.isoformat(),
+            ]
+            lines.append("\t".join(fields))
+        files["index.tsv"] = ("\n".join(lines) + "\n").encode()
+        await asyncio.to_thread(_write_files, out, files)
+        return {"ca": len(self._issuers), "crl": len(self._issuers), "certificates": len(records)}
+
+
+def _fifth_birthday_after(born: date, now: datetime) -> datetime:
+    today = now.date()
+    year = today.year + 5 if (today.month, today.day) >= (born.month, born.day) else today.year + 4
+    day = born.day
+    if born.month == 2 and born.day == 29:
+        day = 29 if year % 4 == 0 and (year % 100 != 0 or year % 400 == 0) else 28
+    return datetime(year, born.month, day, tzinfo=UTC)
+
+
+def _verified_from(
+    application: Application, saga_id: str, person_id: str, card_serial: str
+) -> VerifiedApplication:
+    return VerifiedApplication(
+        saga_id=saga_id,
+        person_id=person_id,
+        se=application.se,
+        card_serial=card_serial,
+        certificates=tuple(sorted(set(application.certificates))),
+        pin_option=application.pin_option,
+    )
+
+
+def _check_cause(target: Status, cause: Cause) -> None:
+    if target is Status.HELD and cause not in HOLD_CAUSES:
+        raise InvalidRequest(f"{cause.value} is not a reason to hold a certificate")
+    if target is Status.VALID and cause not in RELEASE_CAUSES:
+        raise InvalidRequest(f"{cause.value} is not a reason to release a certificate")
+    if target is Status.REVOKED and (cause in HOLD_CAUSES or cause in RELEASE_CAUSES):
+        raise InvalidRequest(f"{cause.value} is not a reason to revoke a certificate")
+
+
+def _change(
+    record: CertificateRecord, status: Status, reason: str | None, *, changed: bool
+) -> StatusChange:
+    return StatusChange(
+        serial=record.serial,
+        cert_type=record.cert_type,
+        holder=record.holder,
+        status=status,
+        reason=reason,
+        changed=changed,
+    )
+
+
+def _unsuccessful(status: ocsp.OCSPResponseStatus) -> bytes:
+    return ocsp.OCSPResponseBuilder.build_unsuccessful(status).public_bytes(
+        serialization.Encoding.DER
+    )
+
+
+def _write_files(root: Path, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
