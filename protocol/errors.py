@@ -40,6 +40,34 @@ class SecureChannelError(JpkiError):
     remote_fault = True
 
 
+class CryptogramMismatch(SecureChannelError):
+    """A card or host cryptogram (or predicted card challenge) did not verify (GP Amd D §6.2.2)."""
+
+
+class MacMismatch(SecureChannelError):
+    """A C-MAC or R-MAC did not verify (GP Amd D §6.2.4, §6.2.5)."""
+
+
+class SequenceCounterMismatch(SecureChannelError):
+    """The SE used another sequence counter than the one predicted for an offline session.
+
+    Transient: the TSM resynchronises its record from ``actual`` and computes the script again.
+    """
+
+    disposition = Disposition.TRANSIENT
+
+    def __init__(self, expected: int, actual: int) -> None:
+        self.expected = expected
+        self.actual = actual
+        super().__init__(f"sequence counter {actual:06X}, predicted {expected:06X}")
+
+
+class SecureChannelClosed(SecureChannelError):
+    """A session object was used after it failed, was closed, or out of order (our fault)."""
+
+    remote_fault = False
+
+
 class StatusWord(enum.IntEnum):
     """Status words used by the JPKI applet and the card manager (ISO 7816-4 §5.6, GP §11)."""
 

@@ -1,0 +1,170 @@
+"""Secure messaging after EXTERNAL AUTHENTICATE: the one core both roles share.
+
+GP Amd D §6.2.3–§6.2.7. One ``MessagingCore`` holds the session keys and the security
+level; the host and the card each call the two functions of their direction. The MAC
+chaining value and the encryption counter are passed in and out explicitly, because the
+host may pipeline (wrap a whole script before the first response comes back) and must
+then check each R-MAC against the chaining value of *its* command.
+"""
+
+from __future__ import annotations
+
+from hmac import compare_digest
+
+from protocol.apdu import CommandAPDU, ResponseAPDU
+from protocol.errors import MacMismatch, SecureChannelError
+from protocol.scp03._primitives import BLOCK, pad_m2, unpad_m2
+from protocol.scp03.keys import SecurityLevel, SessionKeys
+
+_SM_CLA_BIT = 0x04  # GP Amd D §6.2.4: b3 set = GP proprietary secure messaging
+_FURTHER_INTERINDUSTRY = 0x40  # CLA b7: channels 4-19, not supported here
+_SHORT_MAX_LC = 255
+_SHORT_MAX_LE = 256
+_EXTENDED_MAX_LC = 65535
+_RESPONSE_ICV_MARKER = 0x80  # GP Amd D §6.2.7: MSB of the counter block set for responses
+
+
+def response_is_protected(sw: int) -> bool:
+    """GP Amd D §6.2.5: only '9000' and warnings '62xx'/'63xx' carry R-MAC/R-ENC; every
+    other status word comes back alone, unprotected."""
+    return sw == 0x9000 or (sw >> 8) in (0x62, 0x63)
+
+
+def check_plain_cla(cla: int) -> None:
+    if cla & _FURTHER_INTERINDUSTRY:
+        raise SecureChannelError(f"CLA {cla:02X}: only first interindustry CLA coding is supported")
+    if cla & 0x0C:
+        raise SecureChannelError(f"CLA {cla:02X} already indicates secure messaging")
+
+
+def mac_cla(cla: int) -> int:
+    """GP Amd D §6.2.4: for the C-MAC the logical channel is set to 0, b4 to 0 and b3 to 1."""
+    return (cla & 0xF0) | _SM_CLA_BIT
+
+
+class MessagingCore:
+    """Session keys + security level; pure functions of (message, chain, counter)."""
+
+    __slots__ = ("_keys", "mac_len", "level", "_c_mac", "_c_dec", "_r_mac", "_r_enc")
+
+    def __init__(self, keys: SessionKeys, level: SecurityLevel, s_mode: int) -> None:
+        self._keys = keys
+        self.mac_len = s_mode
+        self.level = level
+        self._c_mac = bool(level & SecurityLevel.C_MAC)
+        self._c_dec = bool(level & SecurityLevel.C_DECRYPTION)
+        self._r_mac = bool(level & SecurityLevel.R_MAC)
+        self._r_enc = bool(level & SecurityLevel.R_ENCRYPTION)
+
+    def __repr__(self) -> str:
+        return f"MessagingCore(level={int(self.level):02X}, S{self.mac_len}, <keys redacted>)"
+
+    # -- C-MAC over what is transmitted -------------------------------------------------
+
+    def command_mac(self, chain: bytes, cla: int, ins: int, p1: int, p2: int, body: bytes,
+                    extended: bool) -> bytes:
+        """Full 16-byte C-MAC = new chaining value (GP Amd D §6.2.4): CMAC(S-MAC, chaining
+        value ‖ header ‖ Lc ‖ data field without the MAC), with Lc as transmitted (it counts
+        the MAC; three bytes in extended length)."""
+        lc = len(body) + self.mac_len
+        lc_field = b"\x00" + lc.to_bytes(2, "big") if extended else bytes((lc,))
+        header = bytes((mac_cla(cla), ins, p1, p2))
+        return self._keys.s_mac.cmac(chain + header + lc_field + body)
+
+    def _icv(self, counter: int, response: bool) -> bytes:
+        block = counter.to_bytes(BLOCK, "big")
+        if response:
+            block = bytes((_RESPONSE_ICV_MARKER,)) + block[1:]
+        return self._keys.s_enc.ecb_encrypt(block)
+
+    # -- host: commands out, responses in -----------------------------------------------
+
+    def protect_command(self, command: CommandAPDU, chain: bytes, counter: int
+                        ) -> tuple[CommandAPDU, bytes]:
+        """Wrap one command; returns it and the new MAC chaining value."""
+        if not self._c_mac:
+            return command, chain
+        cla = command.cla
+        check_plain_cla(cla)
+        body = command.data
+        if self._c_dec and body:
+            # Data-less commands are not encrypted; the counter still advanced (§6.2.6).
+            body = self._keys.s_enc.cbc_encrypt(self._icv(counter, False), pad_m2(body))
+        lc = len(body) + self.mac_len
+        le = command.le
+        extended = command.extended or lc > _SHORT_MAX_LC or (le is not None and le > _SHORT_MAX_LE)
+        if lc > _EXTENDED_MAX_LC:
+            raise SecureChannelError("wrapped command data exceeds 65535 bytes")
+        full_mac = self.command_mac(chain, cla, command.ins, command.p1, command.p2, body,
+                                    extended)
+        wrapped = CommandAPDU(
+            cla | _SM_CLA_BIT, command.ins, command.p1, command.p2,
+            body + full_mac[: self.mac_len], le, extended,
+        )
+        return wrapped, full_mac
+
+    def verify_response(self, response: ResponseAPDU, chain: bytes, counter: int
+                        ) -> ResponseAPDU:
+        """Check the R-MAC, then decrypt (GP Amd D §6.2.5, §6.2.7)."""
+        if not self._r_mac:
+            return response
+        sw = response.sw
+        data = response.data
+        if not response_is_protected(sw):
+            if data:
+                raise SecureChannelError(f"data returned with unprotected error status {sw:04X}")
+            return response
+        if len(data) < self.mac_len:
+            raise MacMismatch("response too short to hold an R-MAC")
+        body = data[: -self.mac_len]
+        expected = self._keys.s_rmac.cmac(chain + body + sw.to_bytes(2, "big"))
+        if not compare_digest(expected[: self.mac_len], data[-self.mac_len :]):
+            raise MacMismatch("R-MAC does not verify")
+        if self._r_enc and body:
+            if len(body) % BLOCK:
+                raise SecureChannelError("encrypted response data is not whole blocks")
+            body = unpad_m2(self._keys.s_enc.cbc_decrypt(self._icv(counter, True), body))
+        return ResponseAPDU(body, sw)
+
+    # -- card: commands in, responses out -----------------------------------------------
+
+    def verify_command(self, wrapped: CommandAPDU, chain: bytes, counter: int
+                       ) -> tuple[CommandAPDU, bytes]:
+        """Check the C-MAC, then decrypt; returns the plain command and the new chain."""
+        cla = wrapped.cla
+        if not self._c_mac:
+            if cla & 0x0C:
+                raise SecureChannelError("secure messaging in a session at security level 00")
+            return wrapped, chain
+        if cla & _FURTHER_INTERINDUSTRY or cla & 0x0C != _SM_CLA_BIT:
+            raise MacMismatch(f"CLA {cla:02X} lacks the secure messaging indication")
+        data = wrapped.data
+        if len(data) < self.mac_len:
+            raise MacMismatch("command too short to hold a C-MAC")
+        body = data[: -self.mac_len]
+        full_mac = self.command_mac(chain, cla, wrapped.ins, wrapped.p1, wrapped.p2, body,
+                                    wrapped.needs_extended)
+        if not compare_digest(full_mac[: self.mac_len], data[-self.mac_len :]):
+            raise MacMismatch("C-MAC does not verify")
+        if self._c_dec and body:
+            if len(body) % BLOCK:
+                raise SecureChannelError("encrypted command data is not whole blocks")
+            body = unpad_m2(self._keys.s_enc.cbc_decrypt(self._icv(counter, False), body))
+        plain = CommandAPDU(
+            cla & ~_SM_CLA_BIT, wrapped.ins, wrapped.p1, wrapped.p2, body, wrapped.le,
+            wrapped.extended,
+        )
+        return plain, full_mac
+
+    def protect_response(self, response: ResponseAPDU, chain: bytes, counter: int
+                         ) -> ResponseAPDU:
+        if not self._r_mac:
+            return response
+        sw = response.sw
+        if not response_is_protected(sw):
+            return ResponseAPDU(b"", sw) if response.data else response
+        body = response.data
+        if self._r_enc and body:
+            body = self._keys.s_enc.cbc_encrypt(self._icv(counter, True), pad_m2(body))
+        rmac = self._keys.s_rmac.cmac(chain + body + sw.to_bytes(2, "big"))
+        return ResponseAPDU(body + rmac[: self.mac_len], sw)
