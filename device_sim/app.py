@@ -24,17 +24,19 @@ import hashlib
 import hmac
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import structlog
 
+from device_sim.se.element import ScriptCommand, ScriptOutcome
 from orchestrator import messages as om
 from protocol import jpki as jp
 from protocol.apdu import CommandAPDU, ResponseAPDU
 from protocol.envelope import Message, build
 from protocol.errors import CardError, JpkiError, StatusWord
+from workers.tsm import messages as tsm
 
 log = structlog.get_logger(__name__)
 
@@ -286,6 +288,12 @@ class ApduChannel(Protocol):
     def transmit(self, command: bytes) -> bytes: ...
 
 
+class SecureElementPort(ApduChannel, Protocol):
+    """The phone's SE as the app reaches it (OMAPI): APDUs, and SP-TSM scripts to relay."""
+
+    def run_script(self, script: Iterable[ScriptCommand]) -> ScriptOutcome: ...
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceInfo:
     """What phase 1 reports about the phone (FLOWS.md §1 step 1)."""
@@ -462,7 +470,7 @@ class AppCore:
     def __init__(
         self,
         device: DeviceInfo,
-        se: ApduChannel | None,
+        se: SecureElementPort | None,
         se_identity: om.SeIdentity | None,
         storage: AppStorage | None = None,
         *,
@@ -569,6 +577,8 @@ class AppCore:
 
     def receive(self, message: Message) -> list[Action]:
         body = message.body
+        if isinstance(body, tsm.SeScript):
+            return self._on_script(message, body)
         if isinstance(body, om.CardSignatureRequest):
             return self._on_card_signature_request(message, body)
         if isinstance(body, om.PinSettingGoAhead):
@@ -577,6 +587,32 @@ class AppCore:
             return self._on_result(message, body)
         log.warning("message_ignored", type=message.envelope.type, device_id=self.device.device_id)
         return []
+
+    def _on_script(self, message: Message, script: tsm.SeScript) -> list[Action]:
+        """Relay an SP-TSM script to the SE (its content is SCP03-protected: the app cannot
+        read or change it) and answer with the responses. A release script also hands the
+        app the temporary PIN(s) to use at once for local PIN setting."""
+        if self.se is None:
+            outcome = ScriptOutcome((), completed=False)
+        else:
+            outcome = self.se.run_script(
+                ScriptCommand(step.apdu, tuple(step.expect)) for step in script.steps
+            )
+        actions: list[Action] = [
+            Send(
+                tsm.SeScriptResult(
+                    script_id=script.script_id,
+                    responses=list(outcome.responses),
+                    completed=outcome.completed,
+                ),
+                saga_id=message.envelope.saga_id,
+                causation_id=message.envelope.message_id,
+            )
+        ]
+        if script.temporary_pins and outcome.completed:
+            pins = {pin.kind: pin.pin.encode("ascii") for pin in script.temporary_pins}
+            actions += self.temporary_pins_received(message.envelope.saga_id, pins)
+        return actions
 
     def _current(self, message: Message) -> Issuance | None:
         issuance = self.issuance
@@ -609,6 +645,7 @@ class AppCore:
             or application.app_instance_id != self.storage.app_instance_id
             or application.se != self.se_identity
             or sorted(set(application.certificates)) != sorted(set(issuance.certificates))
+            or application.pin_option not in (None, issuance.pin_option)
         ):
             return self._abort(om.AbortStage.CARD_SIGNATURE, om.Reason.BAD_APPLICATION)
         issuance.request = request
