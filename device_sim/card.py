@@ -164,11 +164,16 @@ def manufacture_card(
     sign_password: str,
     key_source: KeySource | None = None,
     random_bytes: Callable[[int], bytes] = os.urandom,
+    profile: Profile = Profile.CARD,
 ) -> MyNumberCard:
-    """Make a personalised card: keys generated in the applet, certificates from ``issuer``."""
+    """Make a personalised card: keys generated in the applet, certificates from ``issuer``.
+
+    ``profile=Profile.PHONE`` makes the same thing with a phone's applet (token, access
+    rules), for tools that want to read a phone's JPKI application through a reader.
+    """
     auth_value = jpki.AUTH_PIN_RULE.check(auth_pin)
     sign_value = jpki.SIGN_PIN_RULE.check(sign_password)
-    applet = JpkiApplet(Profile.CARD, key_source or GeneratedKeys())
+    applet = JpkiApplet(profile, key_source or GeneratedKeys())
     applet.on_select()
     auth_key = _generate(applet, jpki.EF.AUTH_KEY, random_bytes(32))
     sign_key = _generate(applet, jpki.EF.SIGN_KEY, random_bytes(32))

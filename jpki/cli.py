@@ -17,3 +17,5 @@ def bench() -> None:
 
 
 # Command families register below, one line each.
+from device_sim.vpcd import card_cli  # noqa: E402, I001
+main.add_command(card_cli)

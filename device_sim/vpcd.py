@@ -1,0 +1,200 @@
+"""PC/SC bridge: a simulated card served to ``pcscd`` through the vsmartcard virtual reader.
+
+The ``vpcd`` reader driver of vsmartcard listens on TCP (port 35963 by default) for one
+virtual card. Each message, both ways, is a 2-byte big-endian length and a payload. A
+1-byte payload from the reader is a control code (0 power off, 1 power on, 2 reset,
+4 "send your ATR"); anything longer is a command APDU, answered by the response APDU.
+Only the ATR request and APDUs get an answer.
+
+``handle_message`` is the pure part; ``serve`` is the thin asyncio shell that keeps the
+card connected (and reconnects when ``pcscd`` restarts) until told to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import enum
+import struct
+from collections.abc import Callable
+from typing import Protocol
+
+import click
+import structlog
+
+from protocol.apdu import CommandAPDU
+from protocol.errors import JpkiError, MalformedAPDU
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_PORT = 35963
+
+
+class VpcdControl(enum.IntEnum):
+    POWER_OFF = 0
+    POWER_ON = 1
+    RESET = 2
+    GET_ATR = 4
+
+
+class VirtualCard(Protocol):
+    atr: bytes
+
+    def reset(self) -> bytes: ...
+
+    def transmit(self, apdu: bytes) -> bytes: ...
+
+
+class VpcdProtocolError(JpkiError):
+    remote_fault = True
+
+
+def frame(payload: bytes) -> bytes:
+    if len(payload) > 0xFFFF:
+        raise VpcdProtocolError("vpcd payload longer than 65535 bytes")
+    return struct.pack(">H", len(payload)) + payload
+
+
+def handle_message(card: VirtualCard, payload: bytes) -> bytes | None:
+    """One message from the reader; the answer to send back, or None."""
+    if not payload:
+        raise VpcdProtocolError("empty vpcd message")
+    if len(payload) == 1:
+        try:
+            control = VpcdControl(payload[0])
+        except ValueError:
+            log.warning("vpcd.unknown_control", code=payload[0])
+            return None
+        if control is VpcdControl.GET_ATR:
+            return card.atr
+        card.reset()  # power off, power on and reset all leave the card freshly reset
+        log.debug("vpcd.control", control=control.name)
+        return None
+    response = card.transmit(payload)
+    _trace(payload, response)
+    return response
+
+
+def _trace(command: bytes, response: bytes) -> None:
+    # Header and status word only: command data may be a PIN.
+    try:
+        header = repr(CommandAPDU.from_bytes(command))
+    except MalformedAPDU:
+        header = f"malformed ({len(command)} bytes)"
+    log.debug("vpcd.apdu", command=header, sw=response[-2:].hex().upper(),
+              response_bytes=len(response) - 2)
+
+
+async def _serve_connection(
+    card: VirtualCard, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    while True:
+        length = struct.unpack(">H", await reader.readexactly(2))[0]
+        payload = await reader.readexactly(length)
+        answer = handle_message(card, payload)
+        if answer is not None:
+            writer.write(frame(answer))
+            await writer.drain()
+
+
+async def serve(
+    card: VirtualCard,
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    stop: asyncio.Event | None = None,
+    retry_delay: float = 0.5,
+    on_connected: Callable[[], None] | None = None,
+) -> None:
+    """Keep ``card`` inserted in the virtual reader until ``stop`` is set."""
+    stop = stop or asyncio.Event()
+    while not stop.is_set():
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            log.debug("vpcd.connect_failed", host=host, port=port)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), retry_delay)
+            continue
+        log.info("vpcd.connected", host=host, port=port)
+        if on_connected:
+            on_connected()
+        session = asyncio.ensure_future(_serve_connection(card, reader, writer))
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({session, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not session.done():
+            session.cancel()
+        with contextlib.suppress(asyncio.CancelledError, asyncio.IncompleteReadError,
+                                 ConnectionError, VpcdProtocolError):
+            await session
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+        card.reset()
+        log.info("vpcd.disconnected")
+
+
+# --- CLI: jpki card serve --vpcd -------------------------------------------------------------
+
+
+@click.group("card")
+def card_cli() -> None:
+    """The simulated My Number Card (and a phone's JPKI applet) for real PC/SC tools."""
+
+
+@card_cli.command("serve")
+@click.option("--vpcd", "use_vpcd", is_flag=True, required=True,
+              help="Serve through the vsmartcard virtual reader (the only bridge so far).")
+@click.option("--phone", is_flag=True, help="Serve a phone's JPKI applet instead of a card.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Where vpcd listens.")
+@click.option("--port", default=DEFAULT_PORT, show_default=True, type=int)
+@click.option("--pin", default="1234", show_default=True,
+              help="User-authentication PIN (4 digits).")
+@click.option("--sign-password", default="ABC123", show_default=True,
+              help="Signing password (6-16 of A-Z, 0-9).")
+@click.option("--export-certificates", type=click.Path(file_okay=False),
+              help="Also write the four certificates (DER) into this directory.")
+@click.option("--verbose", is_flag=True, help="Log every APDU header and status word.")
+def serve_command(
+    use_vpcd: bool, phone: bool, host: str, port: int, pin: str, sign_password: str,
+    export_certificates: str | None, verbose: bool,
+) -> None:
+    """Personalise a fresh simulated card and serve it to pcscd until stopped (Ctrl-C)."""
+    import logging
+    from pathlib import Path
+
+    from device_sim.card import SAMPLE_HOLDER, TestCardCa, manufacture_card
+    from device_sim.se.jpki_applet import Profile
+    from protocol import jpki
+
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.DEBUG if verbose else logging.INFO
+        )
+    )
+    for rule, value in ((jpki.AUTH_PIN_RULE, pin), (jpki.SIGN_PIN_RULE, sign_password)):
+        try:
+            rule.check(value)
+        except jpki.InvalidPin as exc:
+            raise click.BadParameter(str(exc)) from None
+    issuer = TestCardCa(now=lambda: dt.datetime.now(dt.UTC))
+    card = manufacture_card(
+        SAMPLE_HOLDER, issuer, auth_pin=pin, sign_password=sign_password,
+        profile=Profile.PHONE if phone else Profile.CARD,
+    )
+    if export_certificates:
+        out = Path(export_certificates)
+        out.mkdir(parents=True, exist_ok=True)
+        for ef in jpki.CERTIFICATE_EFS:
+            (out / f"{ef:04X}.der").write_bytes(card.applet.files[ef])
+    what = "phone JPKI applet" if phone else "My Number Card"
+
+    def connected() -> None:
+        click.echo(f"serving a {what} on vpcd {host}:{port} (Ctrl-C to stop)", err=False)
+
+    try:
+        asyncio.run(serve(card, host=host, port=port, on_connected=connected))
+    except KeyboardInterrupt:
+        click.echo("stopped")
