@@ -19,3 +19,6 @@ def bench() -> None:
 # Command families register below, one line each.
 from device_sim.vpcd import card_cli  # noqa: E402, I001
 main.add_command(card_cli)
+from workers.ca.cli import ca_cli, ocsp_cli  # noqa: E402, I001
+main.add_command(ca_cli)
+main.add_command(ocsp_cli)

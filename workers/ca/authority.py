@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -319,6 +320,15 @@ class CertificateAuthority:
     def database(self) -> Database:
         return self._db
 
+    @asynccontextmanager
+    async def _tx(self, conn: AsyncConnection | None) -> AsyncIterator[AsyncConnection]:
+        """The caller's transaction (the message shell's inbox transaction), or our own."""
+        if conn is not None:
+            yield conn
+            return
+        async with self._db.transaction() as own:
+            yield own
+
     async def load_generations(self) -> None:
         """(Re)load every CA generation and its key (after another replica rolled over)."""
         async with self._db.transaction() as conn:
@@ -468,10 +478,12 @@ class CertificateAuthority:
             sign_generation=sign_issuer.generation,
         )
 
-    async def record_card_certificates(self, pending: PendingCardCertificates) -> CardCertificates:
+    async def record_card_certificates(
+        self, pending: PendingCardCertificates, *, conn: AsyncConnection | None = None
+    ) -> CardCertificates:
         """Store card certificates built by ``build_card_certificates`` (renewal included)."""
         person, now = pending.person, pending.issued_at
-        async with self._db.transaction() as conn:
+        async with self._tx(conn) as conn:
             await self._upsert_person(conn, person, now)
             previous = await self._active_certificates(
                 conn, person_id=person.person_id, holder=Holder.CARD
@@ -526,8 +538,8 @@ class CertificateAuthority:
                 insert(t.persons).values(person_id=person.person_id, created_at=now, **values)
             )
 
-    async def person(self, person_id: str) -> Person | None:
-        async with self._db.transaction() as conn:
+    async def person(self, person_id: str, *, conn: AsyncConnection | None = None) -> Person | None:
+        async with self._tx(conn) as conn:
             row = (
                 await conn.execute(select(t.persons).where(t.persons.c.person_id == person_id))
             ).first()
@@ -556,6 +568,7 @@ class CertificateAuthority:
         to_be_signed: bytes,
         signature: bytes,
         card_certificate: bytes,
+        conn: AsyncConnection | None = None,
     ) -> VerifiedApplication:
         """FLOWS §1 step 6. Raises a distinct ``ApplicationRefused`` subclass per reason; on
         success records the verified application (what issuance in this saga relies on) and
@@ -580,7 +593,7 @@ class CertificateAuthority:
         digest = application_digest(to_be_signed)
         serial = serial_hex(card_cert.serial_number)
 
-        async with self._db.transaction() as conn:
+        async with self._tx(conn) as conn:
             record = await self._certificate(conn, serial)
             if record is None or record.holder is not Holder.CARD or record.der != card_certificate:
                 raise UnknownCardCertificate("the card certificate was not issued to a card by us")
@@ -654,8 +667,10 @@ class CertificateAuthority:
             pin_option=row.pin_option,
         )
 
-    async def verified_application(self, saga_id: str) -> VerifiedApplication:
-        async with self._db.transaction() as conn:
+    async def verified_application(
+        self, saga_id: str, *, conn: AsyncConnection | None = None
+    ) -> VerifiedApplication:
+        async with self._tx(conn) as conn:
             verified = await self._verified(conn, saga_id)
         if verified is None:
             raise ApplicationNotVerified("no verified application for this saga")
@@ -663,10 +678,10 @@ class CertificateAuthority:
 
     # ---------------------------------------------------------------- phase-3 state check
 
-    async def state_check(self, saga_id: str) -> StateCheck:
+    async def state_check(self, saga_id: str, *, conn: AsyncConnection | None = None) -> StateCheck:
         """FLOWS §3: the branch for the person and SE of this saga's verified application."""
         now = self._clock()
-        async with self._db.transaction() as conn:
+        async with self._tx(conn) as conn:
             verified = await self._verified(conn, saga_id)
             if verified is None:
                 raise ApplicationNotVerified("no verified application for this saga")
@@ -700,36 +715,46 @@ class CertificateAuthority:
 
     # ---------------------------------------------------------------- phone certificates
 
-    async def issue(self, saga_id: str, requests: Sequence[KeyRequest]) -> list[IssuedCertificate]:
+    async def issue(
+        self,
+        saga_id: str,
+        requests: Sequence[KeyRequest],
+        *,
+        conn: AsyncConnection | None = None,
+    ) -> list[IssuedCertificate]:
         """FLOWS §1 step 9: one or two phone certificates, idempotent by (saga, type)."""
         types = [request.cert_type for request in requests]
         if not requests or len(set(types)) != len(types):
             raise InvalidRequest("ask for one or two distinct certificate types")
+        if conn is not None:
+            # a concurrent duplicate surfaces as IntegrityError: the caller's transaction is
+            # rolled back and the message retried, which then finds the stored certificates
+            return await self._issue_in(conn, saga_id, requests)
         try:
-            return await self._issue_once(saga_id, requests)
+            async with self._db.transaction() as own:
+                return await self._issue_in(own, saga_id, requests)
         except IntegrityError:
-            # a concurrent redelivery inserted first; the second pass returns what it issued
-            return await self._issue_once(saga_id, requests)
+            async with self._db.transaction() as own:
+                return await self._issue_in(own, saga_id, requests)
 
-    async def _issue_once(
-        self, saga_id: str, requests: Sequence[KeyRequest]
+    async def _issue_in(
+        self, conn: AsyncConnection, saga_id: str, requests: Sequence[KeyRequest]
     ) -> list[IssuedCertificate]:
         now = self._clock()
-        async with self._db.transaction() as conn:
-            verified = await self._verified(conn, saga_id)
-            if verified is None:
-                raise ApplicationNotVerified("no verified application for this saga")
-            card = await self._certificate(conn, verified.card_serial)
-            existing = {
-                CertType(r.cert_type): r
-                for r in (
-                    await conn.execute(
-                        select(t.certificates).where(t.certificates.c.saga_id == saga_id)
-                    )
-                ).all()
-            }
+        verified = await self._verified(conn, saga_id)
+        if verified is None:
+            raise ApplicationNotVerified("no verified application for this saga")
+        card = await self._certificate(conn, verified.card_serial)
         if card is None:
             raise CertificateNotFound("the application's card certificate is gone")
+        existing = {
+            CertType(r.cert_type): r
+            for r in (
+                await conn.execute(
+                    select(t.certificates).where(t.certificates.c.saga_id == saga_id)
+                )
+            ).all()
+        }
         results: dict[CertType, IssuedCertificate] = {}
         fresh: list[tuple[x509.Certificate, Issuer]] = []
         for request in requests:
@@ -740,12 +765,7 @@ class CertificateAuthority:
             row = existing.get(request.cert_type)
             if row is not None:
                 stored = x509.load_der_x509_certificate(row.der)
-                if (
-                    stored.public_key().public_bytes(
-                        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-                    )
-                    != request.public_key_der
-                ):
+                if _spki(stored) != request.public_key_der:
                     raise InvalidRequest("this saga already certified another key of this type")
                 results[request.cert_type] = self._issued(
                     stored, request.cert_type, self.issuer(CaKind(row.ca_kind), row.ca_generation)
@@ -762,20 +782,21 @@ class CertificateAuthority:
             cert = self._build_phone_certificate(request.cert_type, key, card, issuer, now)
             fresh.append((cert, issuer))
             results[request.cert_type] = self._issued(cert, request.cert_type, issuer)
+        # The certificates leave the CA only after this transaction commits, so a crash
+        # before it leaves nothing issued to account for (STYLE §7 in its strongest form).
+        for cert, issuer in fresh:
+            await self._insert_certificate(
+                conn,
+                cert,
+                issuer,
+                Holder.PHONE,
+                verified.person_id,
+                verified.se.cin,
+                card.serial,
+                saga_id,
+                now,
+            )
         if fresh:
-            async with self._db.transaction() as conn:
-                for cert, issuer in fresh:
-                    await self._insert_certificate(
-                        conn,
-                        cert,
-                        issuer,
-                        Holder.PHONE,
-                        verified.person_id,
-                        verified.se.cin,
-                        card.serial,
-                        saga_id,
-                        now,
-                    )
             log.info(
                 "ca.phone_issued",
                 saga_id=saga_id,
@@ -860,8 +881,10 @@ class CertificateAuthority:
 
     # ---------------------------------------------------------------- statuses
 
-    async def certificate(self, serial: str) -> CertificateRecord:
-        async with self._db.transaction() as conn:
+    async def certificate(
+        self, serial: str, *, conn: AsyncConnection | None = None
+    ) -> CertificateRecord:
+        async with self._tx(conn) as conn:
             record = await self._certificate(conn, serial.upper().zfill(40))
         if record is None:
             raise CertificateNotFound("no certificate with this serial")
@@ -912,23 +935,40 @@ class CertificateAuthority:
         rows = (await conn.execute(select(t.certificates).where(and_(*conditions)))).all()
         return [CertificateRecord.from_row(row) for row in rows]
 
-    async def change_status(self, serial: str, target: Status, cause: Cause) -> list[StatusChange]:
+    async def change_status(
+        self,
+        serial: str,
+        target: Status,
+        cause: Cause,
+        *,
+        conn: AsyncConnection | None = None,
+    ) -> list[StatusChange]:
         """Hold, release or revoke one certificate (with cascades); returns every change."""
         now = self._clock()
-        async with self._db.transaction() as conn:
+        async with self._tx(conn) as conn:
             record = await self._certificate(conn, serial.upper().zfill(40))
             if record is None:
                 raise CertificateNotFound("no certificate with this serial")
             return await self._apply(conn, record, target, cause, now)
 
-    async def hold(self, serial: str, cause: Cause = Cause.TEMPORARY_LOSS) -> list[StatusChange]:
-        return await self.change_status(serial, Status.HELD, cause)
+    async def hold(
+        self,
+        serial: str,
+        cause: Cause = Cause.TEMPORARY_LOSS,
+        *,
+        conn: AsyncConnection | None = None,
+    ) -> list[StatusChange]:
+        return await self.change_status(serial, Status.HELD, cause, conn=conn)
 
-    async def release(self, serial: str, cause: Cause = Cause.FOUND) -> list[StatusChange]:
-        return await self.change_status(serial, Status.VALID, cause)
+    async def release(
+        self, serial: str, cause: Cause = Cause.FOUND, *, conn: AsyncConnection | None = None
+    ) -> list[StatusChange]:
+        return await self.change_status(serial, Status.VALID, cause, conn=conn)
 
-    async def revoke(self, serial: str, cause: Cause) -> list[StatusChange]:
-        return await self.change_status(serial, Status.REVOKED, cause)
+    async def revoke(
+        self, serial: str, cause: Cause, *, conn: AsyncConnection | None = None
+    ) -> list[StatusChange]:
+        return await self.change_status(serial, Status.REVOKED, cause, conn=conn)
 
     async def change_status_of(
         self,
@@ -938,13 +978,14 @@ class CertificateAuthority:
         se_cin: str | None = None,
         person_id: str | None = None,
         cert_types: Sequence[CertType] = (CertType.AUTH, CertType.SIGN),
+        conn: AsyncConnection | None = None,
     ) -> list[StatusChange]:
         """The same for every phone certificate on an SE or of a person that is not revoked."""
         if se_cin is None and person_id is None:
             raise InvalidRequest("name an SE or a person")
         now = self._clock()
         changes: list[StatusChange] = []
-        async with self._db.transaction() as conn:
+        async with self._tx(conn) as conn:
             records = await self._active_certificates(
                 conn, person_id=person_id, se_cin=se_cin, holder=Holder.PHONE
             )
@@ -1202,3 +1243,9 @@ def _write_files(root: Path, files: dict[str, bytes]) -> None:
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
+
+
+def _spki(cert: x509.Certificate) -> bytes:
+    return cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )

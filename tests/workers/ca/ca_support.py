@@ -26,7 +26,9 @@ T0 = datetime(2026, 6, 1, 9, 0, tzinfo=UTC)
 PASSPHRASE = Passphrase(b"test-only ca passphrase")
 
 
-def make_person(person_id: str = "person-0001", address: str = "東京都千代田区永田町一丁目7番1号") -> Person:
+def make_person(
+    person_id: str = "person-0001", address: str = "東京都千代田区永田町一丁目7番1号"
+) -> Person:
     return Person(
         person_id=person_id,
         facts=BasicFacts(
@@ -45,7 +47,9 @@ class Card:
     certs: CardCertificates
 
 
-async def issue_card(ca: CertificateAuthority, keys, person: Person | None = None, *, expiry: datetime | None = None) -> Card:
+async def issue_card(
+    ca: CertificateAuthority, keys, person: Person | None = None, *, expiry: datetime | None = None
+) -> Card:
     person = person or make_person()
     auth_key, sign_key = keys(), keys()
     certs = await ca.issue_card_certificates(
