@@ -34,6 +34,9 @@ log = structlog.get_logger(__name__)
 # Commands from the back end to a phone's app or secure element travel on the device's
 # own topic; everything else is routed by its type.
 PHONE_BOUND_PREFIXES = ("app.cmd.", "se.cmd.")
+# What a phone may send up: the app's events and its secure element's results. Anything
+# else from a phone (a forged ``ca.cmd.issue``) is refused at the gateway.
+PHONE_ORIGINATED_PREFIXES = ("app.event.", "se.result.")
 DEVICE_ROUTING_PREFIX = "device."
 
 # One AMQP word and one MQTT topic level: no ".", "/", "+", "#", "*".
@@ -51,6 +54,20 @@ GATEWAY_BINDINGS = (DEVICE_ROUTING_PREFIX + "#",)
 
 class InvalidDeviceId(JpkiError):
     """A device id that cannot be a routing-key word and a topic level."""
+
+
+class ForeignMessage(InvalidMessage):
+    """A phone sent a message a phone may not send, or one in another device's name."""
+
+
+def check_from_phone(message: Message, device_id: str) -> Message:
+    """Refuse what the phone on ``device_id``'s link has no business sending."""
+    envelope = message.envelope
+    if not envelope.type.startswith(PHONE_ORIGINATED_PREFIXES):
+        raise ForeignMessage(f"a phone may not send {envelope.type}")
+    if envelope.device_id != device_id:
+        raise ForeignMessage("envelope device id does not match the link's device")
+    return message
 
 
 def check_device_id(device_id: str) -> str:

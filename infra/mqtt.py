@@ -1,0 +1,306 @@
+"""The MQTT link between phones and the gateway (aiomqtt, MQTT 3.1.1, QoS 1).
+
+Topics: one pair per device, ``jpki/dev/<device_id>/down`` (back end to phone) and
+``jpki/dev/<device_id>/up`` (phone to back end). Gateways subscribe to every up topic
+through the shared subscription ``$share/jpki-gateway/jpki/dev/+/up``, so the broker
+hands each message to one gateway of the group.
+
+``MqttSession`` is one client session that survives the network: a stable client id with
+``clean_session=False`` (the broker keeps the subscriptions and queues QoS 1 messages
+while we are away and resends what we had not acknowledged), reconnection with
+exponential backoff and jitter, publishes that wait for the broker's PUBACK and are
+retried across reconnects, and incoming messages acknowledged only after they were
+handled (paho's manual ack): a process that dies mid-handling gets the message again.
+PUBACKs go out in the order the messages came (MQTT 3.1.1 §4.6), even when handling is
+pipelined.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+import aiomqtt
+import structlog
+
+from infra.bus import InvalidDeviceId, RetryBackoff, check_device_id, check_from_phone
+from infra.transport.base import TransportError
+from infra.transport.phone_link import DownHandler, PhoneLink, deliver_down
+from protocol.envelope import Message, encode
+
+log = structlog.get_logger(__name__)
+
+TOPIC_ROOT = "jpki/dev"
+UP_TOPICS = f"{TOPIC_ROOT}/+/up"
+GATEWAY_SHARE_GROUP = "jpki-gateway"
+SHARED_UP_TOPICS = f"$share/{GATEWAY_SHARE_GROUP}/{UP_TOPICS}"
+QOS = 1
+
+RawHandler = Callable[[aiomqtt.Message], Awaitable[None]]
+
+
+def down_topic(device_id: str) -> str:
+    return f"{TOPIC_ROOT}/{check_device_id(device_id)}/down"
+
+
+def up_topic(device_id: str) -> str:
+    return f"{TOPIC_ROOT}/{check_device_id(device_id)}/up"
+
+
+def device_of(topic: str) -> str:
+    """The device id of a ``jpki/dev/<id>/up|down`` topic (``InvalidDeviceId`` if not)."""
+    parts = topic.split("/")
+    if len(parts) != 4 or "/".join(parts[:2]) != TOPIC_ROOT or parts[3] not in ("up", "down"):
+        raise InvalidDeviceId("not a device topic")
+    return check_device_id(parts[2])
+
+
+@dataclass(frozen=True, slots=True)
+class MqttAddress:
+    hostname: str
+    port: int = 1883
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_url(cls, url: str) -> MqttAddress:
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
+            raise TransportError("MQTT URL must look like mqtt://[user:password@]host[:port]")
+        return cls(
+            hostname=parts.hostname,
+            port=parts.port or 1883,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+        )
+
+
+class MqttSession:
+    def __init__(
+        self,
+        url: str,
+        *,
+        identifier: str,
+        subscriptions: Sequence[str] = (),
+        on_message: RawHandler | None = None,
+        pipelined: bool = False,
+        max_inflight: int = 100,
+        clean_session: bool = False,
+        backoff: RetryBackoff | None = None,
+        rng: random.Random | None = None,
+        publish_timeout: float = 10.0,
+    ) -> None:
+        self._address = MqttAddress.from_url(url)
+        self.identifier = identifier
+        self._subscriptions = tuple(subscriptions)
+        self._on_message = on_message
+        self._pipelined = pipelined
+        self._max_inflight = max_inflight
+        self._clean_session = clean_session
+        self._backoff = backoff or RetryBackoff(base=0.2, cap=10.0)
+        self._rng = rng or random.Random()
+        self._publish_timeout = publish_timeout
+        self._client: aiomqtt.Client | None = None
+        self._lost = asyncio.Event()  # set when the current connection goes away
+        self._task: asyncio.Task[None] | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
+        self._closing = False
+        self.connected = asyncio.Event()
+        self.connections = 0  # how many times a session was (re)established
+
+    def __repr__(self) -> str:
+        return f"MqttSession({self.identifier!r}, {self._address.hostname}:{self._address.port})"
+
+    async def start(self, *, wait: float | None = 10.0) -> None:
+        """Start the session loop; by default wait (bounded) for the first connection."""
+        self._task = asyncio.create_task(self._run(), name=f"mqtt-session-{self.identifier}")
+        if wait is not None:
+            try:
+                await asyncio.wait_for(self.connected.wait(), wait)
+            except TimeoutError:
+                await self.close()
+                raise TransportError(
+                    f"MQTT broker {self._address.hostname}:{self._address.port} not reachable"
+                ) from None
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        for task in list(self._handlers):
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        self.connected.clear()
+
+    def _new_client(self) -> aiomqtt.Client:
+        client = aiomqtt.Client(
+            self._address.hostname,
+            self._address.port,
+            username=self._address.username,
+            password=self._address.password,
+            identifier=self.identifier,
+            clean_session=self._clean_session,
+            protocol=aiomqtt.ProtocolVersion.V311,
+            keepalive=30,
+            max_inflight_messages=self._max_inflight,
+        )
+        # aiomqtt has no manual-ack switch; its paho client does. Acking after handling
+        # is what makes QoS 1 at-least-once through a crash.
+        client._client.manual_ack_set(True)
+        return client
+
+    async def _run(self) -> None:
+        attempt = 0
+        while not self._closing:
+            try:
+                client = self._new_client()
+                async with client:
+                    for topic in self._subscriptions:
+                        await client.subscribe(topic, qos=QOS)
+                    self._client = client
+                    self._lost = asyncio.Event()
+                    attempt = 0
+                    self.connections += 1
+                    self.connected.set()
+                    log.info("mqtt.connected", client_id=self.identifier)
+                    await self._receive(client)
+            except aiomqtt.MqttError as exc:
+                log.warning("mqtt.connection_lost", client_id=self.identifier, error=str(exc))
+            finally:
+                self.connected.clear()
+                self._client = None
+                self._lost.set()
+            attempt += 1
+            await asyncio.sleep(self._backoff.delay(attempt, self._rng))
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        if not self._pipelined:
+            async for message in client.messages:
+                await self._handle(message)
+                self._ack(client, message)
+            return
+        in_order: asyncio.Queue[tuple[aiomqtt.Message, asyncio.Task[None]]] = asyncio.Queue(
+            self._max_inflight
+        )
+        acker = asyncio.create_task(self._ack_in_order(client, in_order))
+        try:
+            async for message in client.messages:
+                task = asyncio.create_task(self._handle(message))
+                self._handlers.add(task)
+                task.add_done_callback(self._handlers.discard)
+                await in_order.put((message, task))
+        finally:
+            acker.cancel()
+            await asyncio.gather(acker, return_exceptions=True)
+
+    async def _ack_in_order(
+        self,
+        client: aiomqtt.Client,
+        in_order: asyncio.Queue[tuple[aiomqtt.Message, asyncio.Task[None]]],
+    ) -> None:
+        while True:
+            message, task = await in_order.get()
+            await asyncio.shield(task)
+            self._ack(client, message)
+
+    async def _handle(self, message: aiomqtt.Message) -> None:
+        if self._on_message is None:
+            return
+        try:
+            await self._on_message(message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error(
+                "mqtt.handler_failed",
+                client_id=self.identifier,
+                topic=message.topic.value,
+                error=type(exc).__name__,
+            )
+
+    @staticmethod
+    def _ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+        if message.qos > 0:
+            client._client.ack(message.mid, message.qos)
+
+    async def publish(self, topic: str, payload: bytes) -> None:
+        """Publish at QoS 1 and wait for the broker's PUBACK, across reconnects."""
+        attempt = 0
+        while True:
+            if self._closing:
+                raise TransportError("MQTT session is closed")
+            await self.connected.wait()
+            client, lost = self._client, self._lost
+            if client is None:
+                continue
+            # A PUBACK that cannot come (the connection dropped) must not hold us for the
+            # whole timeout: race the publish against the loss of its connection.
+            publishing = asyncio.ensure_future(client.publish(topic, payload, qos=QOS))
+            losing = asyncio.ensure_future(lost.wait())
+            done, _ = await asyncio.wait(
+                {publishing, losing},
+                timeout=self._publish_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            losing.cancel()
+            if publishing in done:
+                failure = publishing.exception()
+                if failure is None:
+                    return
+                error = type(failure).__name__
+            else:
+                publishing.cancel()
+                await asyncio.gather(publishing, return_exceptions=True)
+                error = "connection lost or no PUBACK in time"
+            attempt += 1
+            log.warning("mqtt.publish_retry", client_id=self.identifier, error=error)
+            await asyncio.sleep(self._backoff.delay(attempt, self._rng))
+
+
+class MqttPhoneLink(PhoneLink):
+    """A phone's own MQTT session: its down topic in, its up topic out."""
+
+    def __init__(
+        self,
+        url: str,
+        device_id: str,
+        *,
+        backoff: RetryBackoff | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.device_id = check_device_id(device_id)
+        self._url = url
+        self._backoff = backoff
+        self._rng = rng
+        self._session: MqttSession | None = None
+
+    async def start(self, on_message: DownHandler) -> None:
+        async def on_raw(message: aiomqtt.Message) -> None:
+            payload = message.payload
+            raw = payload if isinstance(payload, bytes) else str(payload).encode()
+            await deliver_down(self.device_id, raw, on_message)
+
+        self._session = MqttSession(
+            self._url,
+            identifier=f"jpki-phone-{self.device_id}",
+            subscriptions=[down_topic(self.device_id)],
+            on_message=on_raw,
+            backoff=self._backoff,
+            rng=self._rng,
+        )
+        await self._session.start()
+
+    async def send(self, message: Message) -> None:
+        if self._session is None:
+            raise TransportError("phone link is not started")
+        check_from_phone(message, self.device_id)
+        await self._session.publish(up_topic(self.device_id), encode(message))
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
