@@ -116,18 +116,19 @@ class CardSecureChannel:
             card_cryptogram=session.card_cryptogram(host_challenge, card_challenge),
             sequence_counter=counter,
         )
-        pending = CardAwaitingAuthentication(session, info, host_challenge)
+        pending = CardAwaitingAuthentication(session, info, host_challenge, command.cla & 0x03)
         return ResponseAPDU(info.to_bytes(), 0x9000), pending
 
 
 class CardAwaitingAuthentication:
     """After INITIALIZE UPDATE; only EXTERNAL AUTHENTICATE is acceptable."""
 
-    __slots__ = ("_session", "info", "_host_challenge", "_used")
+    __slots__ = ("_session", "info", "_host_challenge", "_used", "_channel")
 
     def __init__(self, session: SessionKeys, info: InitializeUpdateResponse,
-                 host_challenge: bytes) -> None:
+                 host_challenge: bytes, channel: int = 0) -> None:
         self._session = session
+        self._channel = channel
         self.info = info
         self._host_challenge = host_challenge
         self._used = False
@@ -144,6 +145,8 @@ class CardAwaitingAuthentication:
             raise SecureChannelError("not an EXTERNAL AUTHENTICATE command")
         if command.p2 != 0x00:
             raise SecureChannelError("EXTERNAL AUTHENTICATE P2 must be 00")
+        if command.cla & 0x03 != self._channel:
+            raise SecureChannelError("EXTERNAL AUTHENTICATE on another logical channel")
         level = security_level(command.p1)
         i = self.info.i_parameter
         if level & SecurityLevel.R_MAC and not i & I_R_MAC:
@@ -154,7 +157,7 @@ class CardAwaitingAuthentication:
         if len(command.data) != 2 * s_mode:
             raise SecureChannelError("EXTERNAL AUTHENTICATE data has the wrong length")
         cryptogram, mac = command.data[:s_mode], command.data[s_mode:]
-        core = MessagingCore(self._session, level, s_mode)
+        core = MessagingCore(self._session, level, s_mode, self._channel)
         full_mac = core.command_mac(_ZERO_CHAIN, command.cla, command.ins, command.p1,
                                     command.p2, cryptogram, command.needs_extended)
         if not compare_digest(full_mac[:s_mode], mac):

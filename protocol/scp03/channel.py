@@ -17,6 +17,7 @@ from protocol.scp03._primitives import BLOCK, pad_m2, unpad_m2
 from protocol.scp03.keys import SecurityLevel, SessionKeys
 
 _SM_CLA_BIT = 0x04  # GP Amd D §6.2.4: b3 set = GP proprietary secure messaging
+_CHANNEL_BITS = 0x03
 _FURTHER_INTERINDUSTRY = 0x40  # CLA b7: channels 4-19, not supported here
 _SHORT_MAX_LC = 255
 _SHORT_MAX_LE = 256
@@ -45,10 +46,14 @@ def mac_cla(cla: int) -> int:
 class MessagingCore:
     """Session keys + security level; pure functions of (message, chain, counter)."""
 
-    __slots__ = ("_keys", "mac_len", "level", "_c_mac", "_c_dec", "_r_mac", "_r_enc")
+    __slots__ = ("_keys", "mac_len", "level", "channel", "_c_mac", "_c_dec", "_r_mac", "_r_enc")
 
-    def __init__(self, keys: SessionKeys, level: SecurityLevel, s_mode: int) -> None:
+    def __init__(self, keys: SessionKeys, level: SecurityLevel, s_mode: int,
+                 channel: int = 0) -> None:
         self._keys = keys
+        # The C-MAC leaves the logical channel out (§6.2.4), so the session is bound to
+        # the channel it was opened on and every other channel number is refused.
+        self.channel = channel
         self.mac_len = s_mode
         self.level = level
         self._c_mac = bool(level & SecurityLevel.C_MAC)
@@ -86,6 +91,8 @@ class MessagingCore:
             return command, chain
         cla = command.cla
         check_plain_cla(cla)
+        if cla & _CHANNEL_BITS != self.channel:
+            raise SecureChannelError(f"command for channel {cla & 3}, session on {self.channel}")
         body = command.data
         if self._c_dec and body:
             # Data-less commands are not encrypted; the counter still advanced (§6.2.6).
@@ -138,6 +145,8 @@ class MessagingCore:
             return wrapped, chain
         if cla & _FURTHER_INTERINDUSTRY or cla & 0x0C != _SM_CLA_BIT:
             raise MacMismatch(f"CLA {cla:02X} lacks the secure messaging indication")
+        if cla & _CHANNEL_BITS != self.channel:
+            raise SecureChannelError(f"command on channel {cla & 3}, session on {self.channel}")
         data = wrapped.data
         if len(data) < self.mac_len:
             raise MacMismatch("command too short to hold a C-MAC")

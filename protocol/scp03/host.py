@@ -55,22 +55,28 @@ class _Expect(enum.Enum):
     COMMAND = "command"
 
 
-def initialize_update_command(key_version: int, host_challenge: bytes) -> CommandAPDU:
+def initialize_update_command(key_version: int, host_challenge: bytes, channel: int = 0
+                              ) -> CommandAPDU:
     """INITIALIZE UPDATE, GP Amd D §7.1.1: 80 50 KVN 00 Lc host-challenge 00."""
     if not 0 <= key_version <= 0xFF:
         raise SecureChannelError("key version out of range")
-    return CommandAPDU(_CLA_GP, INS_INITIALIZE_UPDATE, key_version, 0x00, host_challenge, le=256)
+    if not 0 <= channel <= 3:
+        raise SecureChannelError("logical channel must be 0..3")
+    return CommandAPDU(_CLA_GP | channel, INS_INITIALIZE_UPDATE, key_version, 0x00,
+                       host_challenge, le=256)
 
 
 class HostSession:
     """Before INITIALIZE UPDATE: holds the static keys and the host challenge."""
 
-    __slots__ = ("_keys", "_key_version", "_s_mode", "_host_challenge", "_used")
+    __slots__ = ("_keys", "_key_version", "_s_mode", "_host_challenge", "_used", "_channel")
 
     def __init__(self, keys: StaticKeys, *, key_version: int = 0, s_mode: int = S8,
-                 host_challenge: bytes | None = None, random: Random = os.urandom) -> None:
+                 host_challenge: bytes | None = None, random: Random = os.urandom,
+                 channel: int = 0) -> None:
         self._keys = keys
         self._key_version = key_version
+        self._channel = channel
         self._s_mode = check_s_mode(s_mode)
         challenge = random(s_mode) if host_challenge is None else host_challenge
         if len(challenge) != s_mode:
@@ -86,7 +92,7 @@ class HostSession:
         return self._host_challenge
 
     def initialize_update(self) -> CommandAPDU:
-        return initialize_update_command(self._key_version, self._host_challenge)
+        return initialize_update_command(self._key_version, self._host_challenge, self._channel)
 
     def on_initialize_update_response(self, response: ResponseAPDU) -> AuthenticatedHost:
         """Verify the card cryptogram (constant time); derive the session keys."""
@@ -104,7 +110,7 @@ class HostSession:
         expected = session.card_cryptogram(self._host_challenge, info.card_challenge)
         if not compare_digest(expected, info.card_cryptogram):
             raise CryptogramMismatch("card cryptogram does not verify")
-        return AuthenticatedHost(session, info, self._host_challenge)
+        return AuthenticatedHost(session, info, self._host_challenge, self._channel)
 
 
 class AuthenticatedHost:
@@ -115,11 +121,12 @@ class AuthenticatedHost:
     """
 
     __slots__ = ("_session", "info", "_host_challenge", "_core", "_chain", "_counter",
-                 "_pending", "_dead")
+                 "_pending", "_dead", "_channel")
 
     def __init__(self, session: SessionKeys, info: InitializeUpdateResponse,
-                 host_challenge: bytes) -> None:
+                 host_challenge: bytes, channel: int = 0) -> None:
         self._session = session
+        self._channel = channel
         self.info = info
         self._host_challenge = host_challenge
         self._core: MessagingCore | None = None
@@ -160,13 +167,13 @@ class AuthenticatedHost:
             raise SecureChannelError("card does not support R-ENC (i parameter)")
         s_mode = self.info.s_mode
         cryptogram = self._session.host_cryptogram(self._host_challenge, self.info.card_challenge)
-        core = MessagingCore(self._session, level, s_mode)
+        core = MessagingCore(self._session, level, s_mode, self._channel)
         full_mac = core.command_mac(_ZERO_CHAIN, _CLA_GP_SM, INS_EXTERNAL_AUTHENTICATE, level,
                                     0x00, cryptogram, False)
         self._core = core
         self._chain = full_mac
         self._pending.append((_Expect.EXTERNAL_AUTHENTICATE, full_mac, 0))
-        return CommandAPDU(_CLA_GP_SM, INS_EXTERNAL_AUTHENTICATE, level, 0x00,
+        return CommandAPDU(_CLA_GP_SM | self._channel, INS_EXTERNAL_AUTHENTICATE, level, 0x00,
                            cryptogram + full_mac[:s_mode])
 
     def wrap(self, command: CommandAPDU) -> CommandAPDU:
@@ -228,7 +235,8 @@ class OfflineHostSession(AuthenticatedHost):
     def predict(cls, keys: StaticKeys, *, key_version: int, sequence_counter: int,
                 sd_aid: bytes, security_level: int, host_challenge: bytes | None = None,
                 s_mode: int = S8, key_diversification_data: bytes | None = None,
-                i_parameter: int = 0x70, random: Random = os.urandom) -> OfflineHostSession:
+                i_parameter: int = 0x70, random: Random = os.urandom, channel: int = 0
+                ) -> OfflineHostSession:
         check_s_mode(s_mode)
         challenge = random(s_mode) if host_challenge is None else bytes(host_challenge)
         if len(challenge) != s_mode:
@@ -243,10 +251,11 @@ class OfflineHostSession(AuthenticatedHost):
             card_cryptogram=session.card_cryptogram(challenge, card_challenge),
             sequence_counter=sequence_counter,
         )
-        self = cls(session, info, challenge)
+        self = cls(session, info, challenge, channel)
         self._expected_kdd = key_diversification_data
         self._key_version = key_version
-        self.initialize_update_command = initialize_update_command(key_version, challenge)
+        self.initialize_update_command = initialize_update_command(key_version, challenge,
+                                                                   channel)
         self._pending.append((_Expect.INITIALIZE_UPDATE, _ZERO_CHAIN, 0))
         self.external_authenticate_command = self.external_authenticate(security_level)
         return self
