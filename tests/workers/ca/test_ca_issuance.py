@@ -23,9 +23,9 @@ from cryptography.x509.oid import NameOID
 from workers.ca import Branch, Cause, CertType, Status
 from workers.ca.errors import (
     ApplicationNotVerified,
+    CaErrorCode,
     CardCertificateExpired,
     CardCertificateRevoked,
-    CaErrorCode,
     ForgedSignature,
     InvalidRequest,
     NonceExpired,
