@@ -1,0 +1,1 @@
+"""Business flows, one module each, reading like FLOWS.md (steps numbered as there)."""
