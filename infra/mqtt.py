@@ -3,7 +3,10 @@
 Topics: one pair per device, ``jpki/dev/<device_id>/down`` (back end to phone) and
 ``jpki/dev/<device_id>/up`` (phone to back end). Gateways subscribe to every up topic
 through the shared subscription ``$share/jpki-gateway/jpki/dev/+/up``, so the broker
-hands each message to one gateway of the group.
+hands each message to one gateway of the group. (Mosquitto spreads a shared
+subscription's messages over the group one by one, so two up messages of one device
+may cross two gateways; every up message answers a command the back end awaits, and
+handlers are idempotent, so nothing relies on up-path order across gateways.)
 
 ``MqttSession`` is one client session that survives the network: a stable client id with
 ``clean_session=False`` (the broker keeps the subscriptions and queues QoS 1 messages
@@ -33,29 +36,33 @@ from protocol.envelope import Message, encode
 
 log = structlog.get_logger(__name__)
 
-TOPIC_ROOT = "jpki/dev"
-UP_TOPICS = f"{TOPIC_ROOT}/+/up"
+TOPIC_ROOT = "jpki/dev"  # a deployment (or a test) may choose another root
 GATEWAY_SHARE_GROUP = "jpki-gateway"
-SHARED_UP_TOPICS = f"$share/{GATEWAY_SHARE_GROUP}/{UP_TOPICS}"
 QOS = 1
 
 RawHandler = Callable[[aiomqtt.Message], Awaitable[None]]
 
 
-def down_topic(device_id: str) -> str:
-    return f"{TOPIC_ROOT}/{check_device_id(device_id)}/down"
+def down_topic(device_id: str, root: str = TOPIC_ROOT) -> str:
+    return f"{root}/{check_device_id(device_id)}/down"
 
 
-def up_topic(device_id: str) -> str:
-    return f"{TOPIC_ROOT}/{check_device_id(device_id)}/up"
+def up_topic(device_id: str, root: str = TOPIC_ROOT) -> str:
+    return f"{root}/{check_device_id(device_id)}/up"
 
 
-def device_of(topic: str) -> str:
-    """The device id of a ``jpki/dev/<id>/up|down`` topic (``InvalidDeviceId`` if not)."""
-    parts = topic.split("/")
-    if len(parts) != 4 or "/".join(parts[:2]) != TOPIC_ROOT or parts[3] not in ("up", "down"):
+def shared_up_topics(root: str = TOPIC_ROOT, group: str = GATEWAY_SHARE_GROUP) -> str:
+    """Every device's up topic, shared among the gateways of ``group``."""
+    return f"$share/{group}/{root}/+/up"
+
+
+def device_of(topic: str, root: str = TOPIC_ROOT) -> str:
+    """The device id of a ``<root>/<id>/up|down`` topic (``InvalidDeviceId`` if not)."""
+    prefix = root + "/"
+    device, _, direction = topic.removeprefix(prefix).partition("/")
+    if not topic.startswith(prefix) or direction not in ("up", "down"):
         raise InvalidDeviceId("not a device topic")
-    return check_device_id(parts[2])
+    return check_device_id(device)
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,10 +277,12 @@ class MqttPhoneLink(PhoneLink):
         url: str,
         device_id: str,
         *,
+        topic_root: str = TOPIC_ROOT,
         backoff: RetryBackoff | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.device_id = check_device_id(device_id)
+        self._root = topic_root
         self._url = url
         self._backoff = backoff
         self._rng = rng
@@ -288,7 +297,7 @@ class MqttPhoneLink(PhoneLink):
         self._session = MqttSession(
             self._url,
             identifier=f"jpki-phone-{self.device_id}",
-            subscriptions=[down_topic(self.device_id)],
+            subscriptions=[down_topic(self.device_id, self._root)],
             on_message=on_raw,
             backoff=self._backoff,
             rng=self._rng,
@@ -299,7 +308,7 @@ class MqttPhoneLink(PhoneLink):
         if self._session is None:
             raise TransportError("phone link is not started")
         check_from_phone(message, self.device_id)
-        await self._session.publish(up_topic(self.device_id), encode(message))
+        await self._session.publish(up_topic(self.device_id, self._root), encode(message))
 
     async def close(self) -> None:
         if self._session is not None:

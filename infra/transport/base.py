@@ -122,6 +122,11 @@ class Transport(ABC):
         """
 
     @abstractmethod
+    async def park(self, queue: str, message: Outgoing, reason: str) -> None:
+        """Put a message that never reached ``queue`` (refused at the edge, e.g. by the
+        gateway) straight into ``queue``'s parking lot, with ``reason``."""
+
+    @abstractmethod
     async def parked(self, queue: str, limit: int = 100) -> list[Parked]: ...
 
     @abstractmethod

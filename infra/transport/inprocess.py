@@ -315,6 +315,12 @@ class InProcessTransport(Transport):
         target.dispatch()
         return consumer
 
+    async def park(self, queue: str, message: Outgoing, reason: str) -> None:
+        self._queue(queue).park(
+            _Message(message.routing_key, message.body, message.message_id, dict(message.headers)),
+            reason,
+        )
+
     async def parked(self, queue: str, limit: int = 100) -> list[Parked]:
         return list(self._queue(queue).parked[:limit])
 

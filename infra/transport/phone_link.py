@@ -26,6 +26,7 @@ from infra.bus import (
     check_from_phone,
 )
 from infra.transport.base import Delivery, Subscription
+from infra.transport.ordering import PerKeyOrder
 from protocol.envelope import InvalidMessage, Message, decode
 
 log = structlog.get_logger(__name__)
@@ -81,7 +82,7 @@ class InProcessPhoneHub:
         self._prefetch = prefetch
         self._handlers: dict[str, DownHandler] = {}
         self._waiting: defaultdict[str, deque[bytes]] = defaultdict(deque)
-        self._tails: dict[str, asyncio.Future[None]] = {}
+        self._order = PerKeyOrder()
         self._subscription: Subscription | None = None
 
     async def start(self) -> None:
@@ -103,24 +104,13 @@ class InProcessPhoneHub:
 
     async def _on_delivery(self, delivery: Delivery) -> None:
         device_id = delivery.routing_key.removeprefix(DEVICE_ROUTING_PREFIX)
-        # Deliveries start in queue order; chaining per device keeps that order while
-        # different devices proceed concurrently.
-        previous = self._tails.get(device_id)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._tails[device_id] = done
-        try:
-            if previous is not None:
-                await asyncio.shield(previous)
+        async with self._order.turn(device_id):
             handler = self._handlers.get(device_id)
             if handler is None:
                 self._waiting[device_id].append(delivery.body)
             else:
                 await deliver_down(device_id, delivery.body, handler)
             await delivery.ack()
-        finally:
-            done.set_result(None)
-            if self._tails.get(device_id) is done:
-                del self._tails[device_id]
 
     async def attach(self, device_id: str, on_message: DownHandler) -> None:
         held = self._waiting[device_id]

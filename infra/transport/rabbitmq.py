@@ -311,18 +311,28 @@ class RabbitMQTransport(Transport):
         return subscription
 
     async def _park(self, queue: str, message: AbstractIncomingMessage, reason: str) -> None:
+        headers = dict(message.headers or {})
+        headers.setdefault(ORIGINAL_ROUTING_KEY, message.routing_key or "")
+        await self._publish_parked(
+            queue, Outgoing(queue, message.body, message.message_id or ""), headers, reason
+        )
+
+    async def park(self, queue: str, message: Outgoing, reason: str) -> None:
+        headers: dict[str, Any] = {**message.headers, ORIGINAL_ROUTING_KEY: message.routing_key}
+        await self._publish_parked(queue, message, headers, reason)
+
+    async def _publish_parked(
+        self, queue: str, message: Outgoing, headers: dict[str, Any], reason: str
+    ) -> None:
         dlx = self._dlx
         if dlx is None:
             raise TransportError("RabbitMQ transport is not connected")
-        headers = dict(message.headers or {})
         headers[PARK_REASON] = reason
         headers[PARKED_AT] = repr(time.time())
-        headers.setdefault(ORIGINAL_ROUTING_KEY, message.routing_key or "")
-        parked = Outgoing(queue, message.body, message.message_id or "")
         try:
-            await dlx.publish(self._amqp_message(parked, headers), queue, mandatory=True)
+            await dlx.publish(self._amqp_message(message, headers), queue, mandatory=True)
         except Exception as exc:
-            raise self._publish_error(parked, exc) from None
+            raise self._publish_error(message, exc) from None
         log.info("transport.parked", queue=queue, message_id=message.message_id, reason=reason)
 
     async def parked(self, queue: str, limit: int = 100) -> list[Parked]:

@@ -310,3 +310,21 @@ async def test_round_robin_between_competing_consumers(transport: Transport, uni
 
 async def _all_seen(a: Recorder, b: Recorder, n: int) -> bool:
     return len(a.deliveries) + len(b.deliveries) >= n
+
+
+async def test_a_message_refused_at_the_edge_is_parked_and_replayable(
+    transport: Transport, unique: str
+) -> None:
+    queue = f"edge-{unique}"
+    await transport.declare_queue(queue, [])
+    await transport.park(queue, out("jpki.dev.x.up", 1, source="mqtt"), "InvalidMessage: bad")
+    (parked,) = await transport.parked(queue)
+    assert (parked.message_id, parked.routing_key) == ("m1", "jpki.dev.x.up")
+    assert (parked.reason, parked.headers.get("source")) == ("InvalidMessage: bad", "mqtt")
+    seen = Recorder(ack)
+    sub = await transport.consume(queue, seen)
+    assert await transport.replay_parked(queue) == 1
+    (replayed,) = await seen.wait_for(1)
+    assert (replayed.routing_key, replayed.headers.get("source")) == ("jpki.dev.x.up", "mqtt")
+    assert replayed.body == b'{"n":1}'
+    await sub.cancel()

@@ -1,0 +1,228 @@
+"""The gateway between the phones' MQTT topics and the AMQP bus.
+
+Up (phone to back end): every gateway subscribes to ``$share/jpki-gateway/<root>/+/up``,
+so the broker gives each message to one gateway of the group. The gateway validates the
+envelope (it must decode, be a type a phone may send, and name the device of its topic)
+and republishes the phone's bytes unchanged on AMQP under the envelope type. It
+acknowledges the MQTT message only after RabbitMQ confirmed the publish; while the bus
+is unreachable it keeps retrying, and MQTT's flow control holds the phones back. A
+payload that fails validation is parked in the ``gateway.up`` parking lot with its reason
+(listed and replayed like any other: a replayed message is validated again and forwarded
+if it now passes, say after the gateway learned a new schema).
+
+Down (back end to phone): messages routed ``device.<id>`` land in the ``gateway.down``
+quorum queue, which has a single active consumer. With several gateways one forwards
+and the others stand by; when it goes away the broker hands the queue, unacked messages
+first and in order, to the next. The active gateway pipelines deliveries across devices
+but publishes one device's messages one after the other (QoS 1, waiting for the
+broker's PUBACK) and acks each AMQP delivery after its PUBACK, so every device sees its
+messages in the order they were published. (A takeover may repeat the last few messages
+of a device; envelopes carry ids and receivers de-duplicate.)
+
+Why single-active-consumer and not a consistent-hash exchange: it needs no broker plugin,
+keeps the order exactly through a failover, and one gateway forwards tens of thousands of
+small messages a second, far above what the back end produces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiomqtt
+import msgspec
+import structlog
+
+import orchestrator.messages  # noqa: F401 - registers the app.event.* types phones send
+import workers.tsm.messages  # noqa: F401 - registers the se.result.* types phones send
+from infra import metrics
+from infra.bus import (
+    DEVICE_ROUTING_PREFIX,
+    GATEWAY_BINDINGS,
+    GATEWAY_QUEUE,
+    RetryBackoff,
+    check_from_phone,
+)
+from infra.mqtt import TOPIC_ROOT, MqttSession, device_of, down_topic, shared_up_topics
+from infra.transport.base import Delivery, Outgoing, Subscription, Transport, Unroutable
+from infra.transport.ordering import PerKeyOrder
+from protocol.envelope import decode
+from protocol.errors import JpkiError
+
+log = structlog.get_logger(__name__)
+
+UP_QUEUE = "gateway.up"  # no bindings: holds replays of parked up messages
+TOPIC_HEADER = "mqtt-topic"
+
+
+@dataclass
+class GatewayStats:
+    up: int = 0
+    down: int = 0
+    parked: int = 0
+    devices_down: set[str] = field(default_factory=set)
+
+
+class Gateway:
+    def __init__(
+        self,
+        transport: Transport,
+        mqtt_url: str,
+        *,
+        name: str | None = None,
+        topic_root: str = TOPIC_ROOT,
+        share_group: str = "jpki-gateway",
+        prefetch: int = 256,
+        max_inflight: int = 100,
+        backoff: RetryBackoff | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.name = name or f"{socket.gethostname()}-{os.getpid()}"
+        self.stats = GatewayStats()
+        self._transport = transport
+        self._root = topic_root
+        self._prefetch = prefetch
+        self._backoff = backoff or RetryBackoff(base=0.1, cap=5.0)
+        self._rng = rng or random.Random()
+        self._order_down = PerKeyOrder()
+        self._order_up = PerKeyOrder()
+        self._subscriptions: list[Subscription] = []
+        self._mqtt = MqttSession(
+            mqtt_url,
+            identifier=f"jpki-gateway-{self.name}",
+            subscriptions=[shared_up_topics(topic_root, share_group)],
+            on_message=self._from_phone,
+            pipelined=True,
+            max_inflight=max_inflight,
+            backoff=self._backoff,
+            rng=self._rng,
+        )
+
+    async def declare(self) -> None:
+        await self._transport.declare_queue(
+            GATEWAY_QUEUE, GATEWAY_BINDINGS, single_active_consumer=True
+        )
+        await self._transport.declare_queue(UP_QUEUE, [])
+
+    async def start(self) -> None:
+        await self.declare()
+        await self._mqtt.start()
+        self._subscriptions = [
+            await self._transport.consume(GATEWAY_QUEUE, self._to_phone, prefetch=self._prefetch),
+            await self._transport.consume(UP_QUEUE, self._replayed, prefetch=16),
+        ]
+        log.info("gateway.started", gateway=self.name)
+
+    async def stop(self) -> None:
+        for subscription in self._subscriptions:
+            await subscription.cancel()
+        self._subscriptions = []
+        await self._mqtt.close()
+        log.info("gateway.stopped", gateway=self.name)
+
+    # --- up: phone -> AMQP -------------------------------------------------------------
+
+    async def _from_phone(self, message: aiomqtt.Message) -> None:
+        topic = message.topic.value
+        payload = message.payload
+        raw = payload if isinstance(payload, bytes) else str(payload).encode()
+        await self._forward_up(topic, raw)
+
+    async def _forward_up(self, topic: str, raw: bytes) -> None:
+        try:
+            device_id = device_of(topic, self._root)
+            message = check_from_phone(decode(raw), device_id)
+        except JpkiError as exc:  # InvalidMessage, ForeignMessage, InvalidDeviceId
+            await self._park_up(topic, raw, f"{type(exc).__name__}: {exc}")
+            return
+        envelope = message.envelope
+        outgoing = Outgoing(envelope.type, raw, envelope.message_id)
+        async with self._order_up.turn(device_id):
+            try:
+                await self._until_published(outgoing)
+            except Unroutable as exc:
+                await self._park_up(topic, raw, f"Unroutable: {exc}")
+                return
+        self.stats.up += 1
+        metrics.GATEWAY_FORWARDED.labels("up").inc()
+
+    async def _park_up(self, topic: str, raw: bytes, reason: str) -> None:
+        log.warning("gateway.up_refused", topic=topic, reason=reason)
+        parked = Outgoing(UP_QUEUE, raw, _message_id_of(raw), headers={TOPIC_HEADER: topic})
+        await self._retrying(lambda: self._transport.park(UP_QUEUE, parked, reason))
+        self.stats.parked += 1
+        metrics.PARKED.labels(UP_QUEUE, "invalid").inc()
+
+    async def _until_published(self, outgoing: Outgoing) -> None:
+        await self._retrying(lambda: self._transport.publish([outgoing]))
+
+    async def _retrying(self, operation: Callable[[], Awaitable[None]]) -> None:
+        """Keep trying while the broker is away: the phone's message waits unacked."""
+        attempt = 0
+        while True:
+            try:
+                await operation()
+                return
+            except Unroutable:
+                raise
+            except JpkiError as exc:
+                attempt += 1
+                delay = self._backoff.delay(attempt, self._rng)
+                log.warning("gateway.amqp_retry", error=type(exc).__name__, retry_in=delay)
+                await asyncio.sleep(delay)
+
+    async def _replayed(self, delivery: Delivery) -> None:
+        topic = delivery.headers.get(TOPIC_HEADER, delivery.routing_key)
+        await self._forward_up(topic, delivery.body)
+        await delivery.ack()
+
+    # --- down: AMQP -> phone -----------------------------------------------------------
+
+    async def _to_phone(self, delivery: Delivery) -> None:
+        device_id = delivery.routing_key.removeprefix(DEVICE_ROUTING_PREFIX)
+        try:
+            topic = down_topic(device_id, self._root)
+        except JpkiError as exc:
+            await delivery.park(f"{type(exc).__name__}: {exc}")
+            return
+        async with self._order_down.turn(device_id):
+            await self._mqtt.publish(topic, delivery.body)
+            await delivery.ack()
+        self.stats.down += 1
+        self.stats.devices_down.add(device_id)
+        metrics.GATEWAY_FORWARDED.labels("down").inc()
+
+
+class _IdOnly(msgspec.Struct):
+    message_id: str = ""
+
+
+_id_decoder = msgspec.json.Decoder(_IdOnly)
+
+
+def _message_id_of(raw: bytes) -> str:
+    """The envelope's message id if one can be read, for operators listing the lot."""
+    try:
+        return _id_decoder.decode(raw).message_id
+    except msgspec.DecodeError:
+        return ""
+
+
+async def run_gateway(
+    transport: Transport,
+    mqtt_url: str,
+    *,
+    name: str | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run a gateway until ``stop`` is set (or forever), then stop it cleanly."""
+    gateway = Gateway(transport, mqtt_url, name=name)
+    await gateway.start()
+    try:
+        await (stop or asyncio.Event()).wait()
+    finally:
+        await gateway.stop()
