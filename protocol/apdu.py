@@ -31,10 +31,13 @@ class CommandAPDU:
     extended: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("cla", "ins", "p1", "p2"):
-            value = getattr(self, name)
-            if not 0 <= value <= 0xFF:
-                raise MalformedAPDU(f"{name} out of range: {value}")
+        # One chained comparison first: this runs for every wrapped SCP03 command.
+        if not (0 <= self.cla <= 0xFF and 0 <= self.ins <= 0xFF and 0 <= self.p1 <= 0xFF
+                and 0 <= self.p2 <= 0xFF):
+            for name in ("cla", "ins", "p1", "p2"):
+                value = getattr(self, name)
+                if not 0 <= value <= 0xFF:
+                    raise MalformedAPDU(f"{name} out of range: {value}")
         if len(self.data) > EXTENDED_MAX_DATA:
             raise MalformedAPDU("command data longer than 65535 bytes")
         if self.le is not None and not 1 <= self.le <= EXTENDED_MAX_LE:

@@ -12,6 +12,8 @@ about 8 µs, so short inputs are chained block by block over the cached ECB cont
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from cryptography.hazmat.primitives import cmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -26,7 +28,11 @@ _CBC_LOOP_MAX_BLOCKS = 4
 
 
 class AesKey:
-    """An AES key with its reusable cipher contexts. Never printed."""
+    """An AES key with its reusable cipher contexts. Never printed.
+
+    The ECB contexts are made on first use: MAC-only keys (S-MAC, S-RMAC, Key-MAC) never
+    need them, and each costs about 5 µs to set up.
+    """
 
     __slots__ = ("_algorithm", "_cmac", "_encrypt_block", "_decrypt_blocks", "length")
 
@@ -36,9 +42,8 @@ class AesKey:
         self.length = len(key)
         self._algorithm = algorithms.AES(bytes(key))
         self._cmac = cmac.CMAC(self._algorithm)
-        # ECB contexts keep no state between update() calls: safe to reuse for single blocks.
-        self._encrypt_block = Cipher(self._algorithm, modes.ECB()).encryptor().update  # noqa: S305
-        self._decrypt_blocks = Cipher(self._algorithm, modes.ECB()).decryptor().update  # noqa: S305
+        self._encrypt_block: Callable[[bytes], bytes] | None = None
+        self._decrypt_blocks: Callable[[bytes], bytes] | None = None
 
     def __repr__(self) -> str:
         return f"AesKey(AES-{self.length * 8}, <redacted>)"
@@ -49,9 +54,24 @@ class AesKey:
         mac.update(data)
         return mac.finalize()
 
+    def _encryptor(self) -> Callable[[bytes], bytes]:
+        encrypt = self._encrypt_block
+        if encrypt is None:
+            # An ECB context keeps no state between update() calls: safe to reuse.
+            encrypt = Cipher(self._algorithm, modes.ECB()).encryptor().update  # noqa: S305
+            self._encrypt_block = encrypt
+        return encrypt
+
     def ecb_encrypt(self, data: bytes) -> bytes:
         """AES-ECB over whole blocks (used for ICVs and key check values)."""
-        return self._encrypt_block(data)
+        return self._encryptor()(data)
+
+    def _ecb_decrypt(self, data: bytes) -> bytes:
+        decrypt = self._decrypt_blocks
+        if decrypt is None:
+            decrypt = Cipher(self._algorithm, modes.ECB()).decryptor().update  # noqa: S305
+            self._decrypt_blocks = decrypt
+        return decrypt(data)
 
     def cbc_encrypt(self, iv: bytes, data: bytes) -> bytes:
         """AES-CBC without padding; ``data`` must be whole blocks."""
@@ -63,7 +83,7 @@ class AesKey:
             return encryptor.update(data) + encryptor.finalize()
         out = []
         chain = int.from_bytes(iv, "big")
-        encrypt = self._encrypt_block
+        encrypt = self._encryptor()
         for offset in range(0, n, BLOCK):
             plain = int.from_bytes(data[offset : offset + BLOCK], "big")
             block = encrypt((plain ^ chain).to_bytes(BLOCK, "big"))
@@ -77,7 +97,7 @@ class AesKey:
         n = len(data)
         if n == 0 or n % BLOCK:
             raise SecureChannelError("CBC ciphertext is not a whole number of blocks")
-        decrypted = self._decrypt_blocks(data)
+        decrypted = self._ecb_decrypt(data)
         previous = iv + data[:-BLOCK]
         return (int.from_bytes(decrypted, "big") ^ int.from_bytes(previous, "big")).to_bytes(
             n, "big"

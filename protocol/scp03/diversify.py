@@ -31,30 +31,32 @@ class MasterKeys:
     enc: bytes = field(repr=False)
     mac: bytes = field(repr=False)
     dek: bytes = field(repr=False)
+    # Long-lived in the TSM: keep the keyed CMAC contexts instead of rebuilding them per SE.
+    _ciphers: tuple[AesKey, AesKey, AesKey] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("enc", "mac", "dek"):
             if len(getattr(self, name)) not in AES_KEY_LENGTHS:
                 raise SecureChannelError(f"master {name.upper()} key must be 16, 24 or 32 bytes")
+        object.__setattr__(self, "_ciphers", (AesKey(self.enc), AesKey(self.mac), AesKey(self.dek)))
 
     def __repr__(self) -> str:
         return f"MasterKeys(AES-{len(self.enc) * 8}, <redacted>)"
 
 
-def kdf3(master: bytes, fixed_input: bytes) -> bytes:
+def kdf3(master: bytes | AesKey, fixed_input: bytes) -> bytes:
     """CMAC(master, i ‖ fixed_input) for i = 1, 2, …, truncated to the master key's length."""
-    key = AesKey(master)
-    blocks = -(-len(master) // 16)
+    key = master if isinstance(master, AesKey) else AesKey(master)
+    blocks = -(-key.length // 16)
     out = b"".join(key.cmac(bytes((i,)) + fixed_input) for i in range(1, blocks + 1))
-    return out[: len(master)]
+    return out[: key.length]
 
 
 def diversify_kdf3(master: MasterKeys, kdd: bytes) -> StaticKeys:
     """The SE's static keys for key diversification data ``kdd`` (10 bytes)."""
     if len(kdd) != KDD_LENGTH:
         raise SecureChannelError("key diversification data must be 10 bytes")
+    enc, mac, dek = master._ciphers
     return StaticKeys(
-        kdf3(master.enc, ENC_CONSTANT + kdd),
-        kdf3(master.mac, MAC_CONSTANT + kdd),
-        kdf3(master.dek, DEK_CONSTANT + kdd),
+        kdf3(enc, ENC_CONSTANT + kdd), kdf3(mac, MAC_CONSTANT + kdd), kdf3(dek, DEK_CONSTANT + kdd)
     )
