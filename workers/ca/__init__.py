@@ -1,7 +1,7 @@
 """The JPKI CA worker: card-signature check, phase-3 state check, issuance, suspension and
 revocation, CRL and OCSP. Start with ``workers.ca.authority`` (its docstring shows usage)."""
 
-from workers.ca.application import Application, SeIdentity, pop_challenge, sha256_digest_info
+from workers.ca.application import Application, SeIdentity, sha256_digest_info
 from workers.ca.authority import (
     CardCertificates,
     CertificateAuthority,
@@ -30,6 +30,5 @@ __all__ = [
     "SeIdentity",
     "Sex",
     "Status",
-    "pop_challenge",
     "sha256_digest_info",
 ]

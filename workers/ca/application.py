@@ -16,11 +16,14 @@ one application only (``NonceReplayed`` otherwise), must be the one issued for t
 (``NonceUnknown``) and the application must be recent (``NonceExpired``: ``requested_at``
 older than the freshness window, or in the future beyond the allowed clock skew).
 
-**Proof of possession** (FLOWS.md §1 step 8): after key generation the TSM has the applet
-sign ``sha256_digest_info(pop_challenge(saga_id, cert_type, spki))`` with the new key (the
-applet's ordinary COMPUTE DIGITAL SIGNATURE, so no new applet command is needed) and
-forwards the signature with the public key. The challenge binds the saga, the certificate
-type and the key itself, so a proof cannot be moved to another saga, type or key.
+**Proof of possession** (FLOWS.md §1 step 8): the applet's GENERATE KEY PAIR answers
+the new public key and a signature by the new key (RSASSA-PKCS1-v1_5, SHA-256) over
+``protocol.jpki.proof_message(key EF, challenge, SubjectPublicKeyInfo)``, the TSM's
+challenge having come with the command inside the SP-TSM's SCP03 session. The TSM checks
+it and forwards public key, challenge and proof; the CA checks the signature again before
+it certifies the key, so no component has to trust another's word that the key exists in
+the applet's slot for that certificate type. (The key EF in the signed message stops a
+signing-key proof from being presented for the authentication certificate.)
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from protocol import jpki
 from workers.ca.errors import (
     ForgedSignature,
     InvalidPublicKey,
@@ -42,6 +46,9 @@ from workers.ca.errors import (
     ProofOfPossessionFailed,
 )
 from workers.ca.profiles import CertType, require_rsa_2048
+
+# DOMAIN §1: the private-key EFs of the two certificate types
+KEY_EF = {CertType.AUTH: jpki.EF.AUTH_KEY, CertType.SIGN: jpki.EF.SIGN_KEY}
 
 # RFC 8017 §9.2 note 1: DER prefix of DigestInfo for SHA-256.
 SHA256_DIGEST_INFO_PREFIX = bytes.fromhex("3031300d060960864801650304020105000420")
@@ -127,18 +134,6 @@ def verify_card_signature(public_key: object, signature: bytes, to_be_signed: by
         raise ForgedSignature("the card signature does not verify")
 
 
-def pop_challenge(saga_id: str, cert_type: CertType | str, spki_der: bytes) -> bytes:
-    """The 32-byte challenge the new key signs (see the module docstring)."""
-    return hashlib.sha256(
-        b"jpki-mobile proof of possession v1\x00"
-        + saga_id.encode()
-        + b"\x00"
-        + CertType(cert_type).value.encode()
-        + b"\x00"
-        + hashlib.sha256(spki_der).digest()
-    ).digest()
-
-
 def load_subject_key(spki_der: bytes) -> rsa.RSAPublicKey:
     try:
         key = serialization.load_der_public_key(spki_der)
@@ -148,10 +143,13 @@ def load_subject_key(spki_der: bytes) -> rsa.RSAPublicKey:
 
 
 def verify_proof_of_possession(
-    saga_id: str, cert_type: CertType, spki_der: bytes, signature: bytes
+    cert_type: CertType, spki_der: bytes, challenge: bytes, signature: bytes
 ) -> rsa.RSAPublicKey:
-    """The subject key, once its signature over ``pop_challenge`` verifies."""
+    """The subject key, once its signature over the applet's proof message verifies."""
     key = load_subject_key(spki_der)
-    if not _verify_pkcs1_sha256(key, signature, pop_challenge(saga_id, cert_type, spki_der)):
+    if not jpki.MIN_CHALLENGE <= len(challenge) <= jpki.MAX_CHALLENGE:
+        raise ProofOfPossessionFailed("the proof's challenge has the wrong length")
+    message = jpki.proof_message(KEY_EF[cert_type], challenge, spki_der)
+    if not _verify_pkcs1_sha256(key, signature, message):
         raise ProofOfPossessionFailed(f"no proof of possession for the {cert_type.value} key")
     return key

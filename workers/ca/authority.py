@@ -184,7 +184,8 @@ class KeyRequest:
 
     cert_type: CertType
     public_key_der: bytes  # SubjectPublicKeyInfo
-    proof: bytes  # PKCS#1 v1.5 signature over pop_challenge(...)
+    challenge: bytes  # the TSM's challenge given to GENERATE KEY PAIR
+    proof: bytes  # PKCS#1 v1.5 / SHA-256 over protocol.jpki.proof_message(...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -772,7 +773,7 @@ class CertificateAuthority:
                 )
                 continue
             key = verify_proof_of_possession(
-                saga_id, request.cert_type, request.public_key_der, request.proof
+                request.cert_type, request.public_key_der, request.challenge, request.proof
             )
             if card.status is not Status.VALID:
                 raise CardCertificateRevoked("the card certificate is no longer valid")

@@ -1,10 +1,10 @@
 """The CA's HTTP face for relying parties: OCSP (RFC 6960 Appendix A) and CRLs.
 
-    POST /  or  POST /ocsp          body: DER OCSPRequest  → application/ocsp-response
-    GET  /ocsp/<base64 request>     the same, RFC 6960 §A.1 GET form
-    GET  /crl/<kind>.crl            current CRL of the active generation (DER)
-    GET  /crl/<kind>-g<N>.crl       current CRL of generation N (DER)
-    GET  /ca/<kind>-g<N>.crt        the CA certificate of generation N (DER)
+POST /  or  POST /ocsp          body: DER OCSPRequest  → application/ocsp-response
+GET  /ocsp/<base64 request>     the same, RFC 6960 §A.1 GET form
+GET  /crl/<kind>.crl            current CRL of the active generation (DER)
+GET  /crl/<kind>-g<N>.crl       current CRL of generation N (DER)
+GET  /ca/<kind>-g<N>.crt        the CA certificate of generation N (DER)
 """
 
 from __future__ import annotations

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from protocol import jpki
 from workers.ca import (
     Application,
     BasicFacts,
@@ -19,8 +21,8 @@ from workers.ca import (
     Person,
     SeIdentity,
     Sex,
-    pop_challenge,
 )
+from workers.ca.application import KEY_EF
 
 T0 = datetime(2026, 6, 1, 9, 0, tzinfo=UTC)
 PASSPHRASE = Passphrase(b"test-only ca passphrase")
@@ -97,9 +99,12 @@ def spki(key: rsa.RSAPrivateKey) -> bytes:
 
 
 def key_request(saga_id: str, cert_type: CertType, key: rsa.RSAPrivateKey) -> KeyRequest:
+    """What the TSM forwards after GENERATE KEY PAIR (the applet's proof format)."""
     der = spki(key)
-    proof = key.sign(pop_challenge(saga_id, cert_type, der), padding.PKCS1v15(), hashes.SHA256())
-    return KeyRequest(cert_type=cert_type, public_key_der=der, proof=proof)
+    challenge = hashlib.sha256(saga_id.encode() + cert_type.value.encode()).digest()
+    message = jpki.proof_message(KEY_EF[cert_type], challenge, der)
+    proof = key.sign(message, padding.PKCS1v15(), hashes.SHA256())
+    return KeyRequest(cert_type=cert_type, public_key_der=der, challenge=challenge, proof=proof)
 
 
 async def verify(ca: CertificateAuthority, card: Card, saga_id: str, nonce: bytes, **kwargs):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from datetime import UTC, date, datetime, timedelta
 
@@ -15,6 +16,7 @@ from ca_support import (
     issue_card,
     key_request,
     make_person,
+    spki,
     verify,
 )
 from cryptography import x509
@@ -27,6 +29,7 @@ from workers.ca.errors import (
     CardCertificateExpired,
     CardCertificateRevoked,
     ForgedSignature,
+    InvalidPublicKey,
     InvalidRequest,
     NonceExpired,
     NonceReplayed,
@@ -170,10 +173,18 @@ async def test_only_the_applied_certificates_and_proven_keys_are_issued(ca, keys
     await verify(ca, card, "saga-1", os.urandom(32), certificates=(CertType.AUTH,))
     with pytest.raises(InvalidRequest):
         await ca.issue("saga-1", [key_request("saga-1", CertType.SIGN, keys())])
-    # a proof made for another saga does not prove possession in this one
+    # a proof by the signing-key slot does not prove an authentication key
+    signing_proof = key_request("saga-1", CertType.SIGN, keys())
     with pytest.raises(ProofOfPossessionFailed) as refused:
-        await ca.issue("saga-1", [key_request("saga-0", CertType.AUTH, keys())])
+        await ca.issue("saga-1", [dataclasses.replace(signing_proof, cert_type=CertType.AUTH)])
     assert refused.value.code is CaErrorCode.PROOF_OF_POSSESSION_FAILED
+    # a genuine proof presented with another public key
+    other = key_request("saga-1", CertType.AUTH, keys())
+    stolen = dataclasses.replace(other, public_key_der=spki(keys()))
+    with pytest.raises(ProofOfPossessionFailed):
+        await ca.issue("saga-1", [stolen])
+    with pytest.raises(InvalidPublicKey):
+        await ca.issue("saga-1", [dataclasses.replace(other, public_key_der=b"not a key")])
     assert await ca.certificates(holder=Holder.PHONE) == []
     with pytest.raises(ApplicationNotVerified):
         await ca.issue("saga-2", [key_request("saga-2", CertType.AUTH, keys())])
