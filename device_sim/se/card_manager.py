@@ -131,9 +131,13 @@ class KeySet:
     enc: bytes = field(repr=False)
     mac: bytes = field(repr=False)
     dek: bytes = field(repr=False)
+    # The keys as loaded into the crypto engine, made once (cipher contexts are not free).
+    _static: StaticKeys | None = field(default=None, repr=False, compare=False)
 
     def static_keys(self) -> StaticKeys:
-        return StaticKeys(self.enc, self.mac, self.dek)
+        if self._static is None:
+            self._static = StaticKeys(self.enc, self.mac, self.dek)
+        return self._static
 
     def to_state(self) -> dict[str, Any]:
         return {
@@ -372,8 +376,12 @@ class CardManager:
     def _process(self, command: CommandAPDU) -> ResponseAPDU:
         if command.cla & 0x03 or (command.cla & 0x40):
             raise _refuse(StatusWord.LOGICAL_CHANNEL_NOT_SUPPORTED, "logical channel")
-        if self.life_cycle == CardLifeCycle.TERMINATED and command.ins != 0xCA:
-            raise _refuse(StatusWord.CONDITIONS_NOT_SATISFIED, "card terminated")
+        if self.life_cycle == CardLifeCycle.TERMINATED:
+            # GP §5.1.1.5: a terminated card answers GET DATA and nothing else.
+            self._channel = None
+            if command.ins != 0xCA or self._selected.sd is None:
+                raise _refuse(StatusWord.CONDITIONS_NOT_SATISFIED, "card terminated")
+            return self._get_data(command)
         if command.ins == 0xA4 and command.cla & 0x80 == 0:
             return self._select(command)
         if command.ins == 0x50 and command.cla & 0x80:

@@ -20,6 +20,7 @@ import os
 import time
 import uuid
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -40,6 +41,7 @@ from protocol.errors import (
     SecureChannelError,
     SequenceCounterMismatch,
 )
+from protocol.scp03.keys import StaticKeys
 from workers.tsm import messages as m
 from workers.tsm import scripts as s
 from workers.tsm.keys import MasterKeyRing
@@ -143,6 +145,7 @@ class TsmEngine:
         random: Random = os.urandom,
         clock: Callable[[], float] = time.time,
         attempts: int = DEFAULT_ATTEMPTS,
+        se_key_cache: int = 100_000,
     ) -> None:
         self.keys = keys
         self.registry = registry
@@ -152,6 +155,11 @@ class TsmEngine:
         self._clock = clock
         self._attempts = attempts
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        # Diversified keys per (KVN, KDD): derived once per SE, as an HSM session would keep
+        # them; bounded so that a fleet of millions does not pin them all in memory.
+        self._se_keys: OrderedDict[tuple[int, str], StaticKeys] = OrderedDict()
+        self._se_keys_max = se_key_cache
+        self._seal_keys: dict[int, AESGCM] = {}
 
     # ------------------------------------------------------------------ entry point
 
@@ -240,9 +248,23 @@ class TsmEngine:
     # ------------------------------------------------------------------ sessions
 
     def _access(self, record: SeRecord) -> s.SeAccess:
-        master = self.keys.get(record.key_version)
-        kdd = bytes.fromhex(record.kdd)
-        return s.SeAccess(master.static_keys_for(kdd), record.key_version, kdd)
+        return s.SeAccess(
+            self._static_keys(record.key_version, record.kdd),
+            record.key_version,
+            bytes.fromhex(record.kdd),
+        )
+
+    def _static_keys(self, kvn: int, kdd: str) -> StaticKeys:
+        cache_key = (kvn, kdd)
+        keys = self._se_keys.get(cache_key)
+        if keys is None:
+            keys = self.keys.get(kvn).static_keys_for(bytes.fromhex(kdd))
+            self._se_keys[cache_key] = keys
+            if len(self._se_keys) > self._se_keys_max:
+                self._se_keys.popitem(last=False)
+        else:
+            self._se_keys.move_to_end(cache_key)
+        return keys
 
     async def _session(
         self,
@@ -265,7 +287,7 @@ class TsmEngine:
                 result = await self._send(device_id, plan.operation, second, temporary_pins)
                 round_trips[0] += 1
                 plains = session.verify_second_round(result.responses)
-                await self._seen(record)
+                record.last_seen = self._clock()
                 return plains
             predicted = record.sequence_counter + 1
             wire = session.offline_script(predicted)
@@ -304,7 +326,7 @@ class TsmEngine:
                     await self.registry.save(record)
                     continue
                 raise
-            await self._seen(record)
+            record.last_seen = self._clock()  # saved by the operation with its outcome
             return plains
         raise OperationFailed(m.ErrorCode.COUNTER_DRIFT, f"no session in {self._attempts} tries")
 
@@ -326,31 +348,31 @@ class TsmEngine:
             raise SecureChannelError("answer belongs to another script")
         return result
 
-    async def _seen(self, record: SeRecord) -> None:
-        record.last_seen = self._clock()
-        await self.registry.save(record)
-
     # ------------------------------------------------------------------ temporary PINs
 
-    def _seal_key(self, record: SeRecord) -> bytes:
-        master = self.keys.get(record.key_version)
-        return HKDF(hashes.SHA256(), 32, salt=None, info=_PIN_SEAL_INFO).derive(
-            master.enc + master.mac + master.dek
-        )
+    def _seal_key(self, record: SeRecord) -> AESGCM:
+        sealer = self._seal_keys.get(record.key_version)
+        if sealer is None:
+            master = self.keys.get(record.key_version)
+            key = HKDF(hashes.SHA256(), 32, salt=None, info=_PIN_SEAL_INFO).derive(
+                master.enc + master.mac + master.dek
+            )
+            sealer = self._seal_keys[record.key_version] = AESGCM(key)
+        return sealer
 
     def _seal_pins(self, record: SeRecord, pins: Sequence[s.TemporaryPinValue]) -> bytes:
         plain = msgspec.json.encode(
             [{"kind": p.kind.value, "pin": p.pin, "puk": p.puk} for p in pins]
         )
         nonce = self._random(12)
-        return nonce + AESGCM(self._seal_key(record)).encrypt(nonce, plain, record.cin.encode())
+        return nonce + self._seal_key(record).encrypt(nonce, plain, record.cin.encode())
 
     def _unseal_pins(self, record: SeRecord) -> list[s.TemporaryPinValue]:
         sealed = record.sealed_temporary_pins
         if not sealed:
             raise OperationFailed(m.ErrorCode.BAD_REQUEST, "no temporary PINs are pending")
         try:
-            plain = AESGCM(self._seal_key(record)).decrypt(
+            plain = self._seal_key(record).decrypt(
                 sealed[:12], sealed[12:], record.cin.encode()
             )
         except Exception:  # InvalidTag or a rotated key: the stored PINs are unusable
@@ -489,6 +511,7 @@ class TsmEngine:
         answers = await self._session(
             record, s.plan_reset_pin(values), round_trips, [_for_app(v) for v in values]
         )
+        await self.registry.save(record)
         for status_answer in answers[1::2]:
             if s.interpret_pin_status(status_answer).state is not jpki.PinState.TEMPORARY:
                 raise OperationFailed(m.ErrorCode.CARD_ERROR, "PIN not reset")
@@ -518,7 +541,7 @@ class TsmEngine:
         new_kvn = command.new_kvn or self.keys.current
         if new_kvn == record.key_version:  # already there (a re-run after success)
             return m.RotateKeysReply(command_id=command.command_id, key_version=new_kvn)
-        new_keys = self.keys.get(new_kvn).static_keys_for(bytes.fromhex(record.kdd))
+        new_keys = self._static_keys(new_kvn, record.kdd)
         current = self._access(record)
         plan = s.plan_rotate(record.key_version, new_kvn, current.keys.dek, new_keys)
         record.pending_key_version = new_kvn
