@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -456,6 +457,8 @@ class UnexpectedInput(JpkiError):
     """An answer to a screen that is not showing: a bug in the caller, never the user's."""
 
 
+# Enough to answer a redelivered script of the saga in progress (one saga runs ~6 scripts).
+SCRIPT_RESULTS_KEPT = 16
 PIN_RULE_OF = {om.CertificateKind.AUTH: jp.AUTH_PIN_RULE, om.CertificateKind.SIGN: jp.SIGN_PIN_RULE}
 PIN_EF_OF = {om.CertificateKind.AUTH: jp.EF.AUTH_PIN, om.CertificateKind.SIGN: jp.EF.SIGN_PIN}
 NEW_PIN_KIND = {
@@ -487,6 +490,8 @@ class AppCore:
         self.login: Login | None = None
         self.secret_holds: list[SecretHold] = []
         self.screens_shown: list[Screen] = []
+        self.scripts_run: list[str] = []  # SP-TSM operations relayed to the SE, in order
+        self._script_results: OrderedDict[str, tsm.SeScriptResult] = OrderedDict()
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -592,22 +597,28 @@ class AppCore:
         """Relay an SP-TSM script to the SE (its content is SCP03-protected: the app cannot
         read or change it) and answer with the responses. A release script also hands the
         app the temporary PIN(s) to use at once for local PIN setting."""
+        result = self._script_results.get(script.script_id)
+        if result is not None:
+            # At-least-once delivery: a script delivered twice must not run twice (a second
+            # GENERATE KEY PAIR would replace the keys); the first answer is sent again.
+            return [Send(result, message.envelope.saga_id, message.envelope.message_id)]
+        self.scripts_run.append(script.operation)
         if self.se is None:
             outcome = ScriptOutcome((), completed=False)
         else:
             outcome = self.se.run_script(
                 ScriptCommand(step.apdu, tuple(step.expect)) for step in script.steps
             )
+        result = tsm.SeScriptResult(
+            script_id=script.script_id,
+            responses=list(outcome.responses),
+            completed=outcome.completed,
+        )
+        self._script_results[script.script_id] = result
+        while len(self._script_results) > SCRIPT_RESULTS_KEPT:
+            self._script_results.popitem(last=False)
         actions: list[Action] = [
-            Send(
-                tsm.SeScriptResult(
-                    script_id=script.script_id,
-                    responses=list(outcome.responses),
-                    completed=outcome.completed,
-                ),
-                saga_id=message.envelope.saga_id,
-                causation_id=message.envelope.message_id,
-            )
+            Send(result, message.envelope.saga_id, message.envelope.message_id)
         ]
         if script.temporary_pins and outcome.completed:
             pins = {pin.kind: pin.pin.encode("ascii") for pin in script.temporary_pins}
