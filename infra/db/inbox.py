@@ -24,11 +24,10 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from infra.db.database import Database
-from infra.db.messaging import inbox
+from infra.db.fast import chunks, fetch, values_list
 from infra.db.outbox import OutboxRelay, add_to_outbox
 from infra.transport.base import Delivery, Outgoing, Subscription, Transport
 from protocol.envelope import InvalidMessage, Message, decode
@@ -44,17 +43,16 @@ async def claim_inbox(
     conn: AsyncConnection, message_ids: Sequence[str], *, now: float | None = None
 ) -> set[str]:
     """Record ``message_ids`` as handled; returns those not seen before."""
-    if not message_ids:
-        return set()
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
     received = time.time() if now is None else now
-    statement = (
-        dialect.insert(inbox)
-        .values([{"message_id": m, "received_at": received} for m in dict.fromkeys(message_ids)])
-        .on_conflict_do_nothing(index_elements=["message_id"])
-        .returning(inbox.c.message_id)
-    )
-    return set((await conn.execute(statement)).scalars())
+    fresh: set[str] = set()
+    for chunk in chunks(list(dict.fromkeys(message_ids)), 500):
+        sql = (  # only placeholders are formatted in
+            f"INSERT INTO inbox (message_id, received_at) VALUES {values_list(2, len(chunk))} "  # noqa: S608
+            "ON CONFLICT (message_id) DO NOTHING RETURNING message_id"
+        )
+        params = tuple(value for m in chunk for value in (m, received))
+        fresh.update(row[0] for row in await fetch(conn, sql, params))
+    return fresh
 
 
 async def handle_idempotently(
@@ -69,9 +67,10 @@ async def handle_idempotently(
     async with db.transaction() as conn:
         if not await claim_inbox(conn, [message.envelope.message_id], now=now):
             return False
-        await add_to_outbox(conn, await effect(conn, message), now=now)
+        out = list(await effect(conn, message))
+        await add_to_outbox(conn, out, now=now)
     if relay is not None:
-        relay.wake()
+        relay.handoff(out)
     return True
 
 
@@ -153,7 +152,7 @@ class InboxConsumer:
 
     async def _run_batch(self, batch: list[tuple[Delivery, Message, asyncio.Future[None]]]) -> None:
         try:
-            await self._commit([m for _, m, _ in batch])
+            out = await self._commit([m for _, m, _ in batch])
         except Exception as exc:
             if len(batch) == 1:
                 await self._failed(batch[0][0], exc)
@@ -169,9 +168,9 @@ class InboxConsumer:
                 await delivery.ack()
             done.set_result(None)
         if self._relay is not None:
-            self._relay.wake()
+            self._relay.handoff(out)
 
-    async def _commit(self, messages: list[Message]) -> None:
+    async def _commit(self, messages: list[Message]) -> list[Outgoing]:
         now = self._clock()
         async with self._db.transaction() as conn:
             fresh_ids = await claim_inbox(conn, [m.envelope.message_id for m in messages], now=now)
@@ -181,9 +180,10 @@ class InboxConsumer:
                     fresh_ids.discard(message.envelope.message_id)  # a duplicate in this batch
                     fresh.append(message)
             self.duplicates += len(messages) - len(fresh)
-            if fresh:
-                await add_to_outbox(conn, await self._handle_batch(conn, fresh), now=now)
+            out = list(await self._handle_batch(conn, fresh)) if fresh else []
+            await add_to_outbox(conn, out, now=now)
         self.handled += len(fresh)
+        return out
 
     async def _failed(self, delivery: Delivery, exc: Exception) -> None:
         if isinstance(exc, JpkiError) and exc.disposition is Disposition.REJECTED:

@@ -10,7 +10,8 @@ Claiming: on PostgreSQL any number of relays run at once; each claims a batch wi
 ``SELECT ... FOR UPDATE SKIP LOCKED`` and keeps the row locks until the publish is confirmed
 and the rows are marked sent, so two relays never hold the same row and a relay that dies
 releases its rows with its connection. On SQLite the file belongs to one process with one
-relay; it reads the batch under the write lock, publishes, and marks the rows sent.
+relay; it reads the batch under the write lock, publishes, and marks the rows sent. Rows
+the process itself just committed skip the claim (``handoff``): see ``OutboxRelay``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from infra.db.database import Database
+from infra.db.fast import execute_many
 from infra.db.messaging import inbox, outbox
 from infra.transport.base import Outgoing, Transport
 from protocol.envelope import Message, encode
@@ -55,24 +57,29 @@ def to_device(message: Message) -> Outgoing:
     return outgoing(message, routing_key=f"device.{device_id}")
 
 
+_INSERT_OUTBOX = (
+    "INSERT INTO outbox (message_id, routing_key, body, headers, created_at) "
+    "VALUES (?, ?, ?, ?, ?)"
+)
+
+
 async def add_to_outbox(
     conn: AsyncConnection, messages: Sequence[Outgoing], *, now: float | None = None
 ) -> None:
     if not messages:
         return
     created = time.time() if now is None else now
-    await conn.execute(
-        outbox.insert(),
+    await execute_many(
+        conn,
+        _INSERT_OUTBOX,
         [
-            {
-                "message_id": m.message_id,
-                "routing_key": m.routing_key,
-                "body": m.body,
-                "headers": _headers_encoder.encode(m.headers).decode() if m.headers else None,
-                "created_at": created,
-                "sent_at": None,
-                "retry_at": None,
-            }
+            (
+                m.message_id,
+                m.routing_key,
+                m.body,
+                _headers_encoder.encode(m.headers).decode() if m.headers else None,
+                created,
+            )
             for m in messages
         ],
     )
@@ -86,7 +93,15 @@ def _row_to_outgoing(row: Any) -> Outgoing:
 
 
 class OutboxRelay:
-    """Publishes a service's pending outbox rows; ``wake()`` after a commit that added some.
+    """Publishes a service's outbox rows.
+
+    Fast path: after a commit, the committer hands the rows it wrote to ``handoff()``; the
+    relay publishes them at once and marks them sent in one statement per ``mark_interval``
+    (a crash before the mark republishes them: at-least-once). Recovery path: every
+    ``poll_interval`` (and at start) the relay claims pending rows older than ``grace``
+    seconds (rows whose handoff died with a process, or whose publish failed) - with
+    ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so any number of relays share the work.
+    ``fast_path=False`` leaves everything to the claim path (``wake()`` runs it now).
 
     Rows a publish could not place (broker refused, no queue bound yet) are retried after
     ``retry_delay`` without holding up the others. Sent rows are purged after
@@ -101,6 +116,9 @@ class OutboxRelay:
         *,
         batch_size: int = 500,
         poll_interval: float = 1.0,
+        grace: float = 5.0,
+        fast_path: bool = True,
+        mark_interval: float = 0.25,
         retry_delay: float = 2.0,
         keep_sent: float = 3600.0,
         keep_inbox: float = 7 * 86400.0,
@@ -111,21 +129,44 @@ class OutboxRelay:
         self._transport = transport
         self._batch_size = batch_size
         self._poll_interval = poll_interval
+        self._grace = grace if fast_path else 0.0
+        self._fast_path = fast_path
+        self._mark_interval = mark_interval
         self._retry_delay = retry_delay
         self._keep_sent = keep_sent
         self._keep_inbox = keep_inbox
         self._clock = clock
         self._name = name
         self._wake = asyncio.Event()
+        self._poll_now = True
+        self._handed: list[Outgoing] = []
+        self._in_flight: set[str] = set()  # handed off, not yet marked sent
+        self._unmarked: list[str] = []
         self._task: asyncio.Task[None] | None = None
+        self._last_poll = 0.0
+        self._last_mark = 0.0
         self._last_purge = 0.0
         self.published = 0
 
+    def handoff(self, messages: Sequence[Outgoing]) -> None:
+        """Publish these just-committed outbox rows soon (they are durable already)."""
+        if not messages:
+            return
+        if self._fast_path and self._task is not None:
+            self._handed.extend(messages)
+            self._in_flight.update(m.message_id for m in messages)
+        else:
+            self._poll_now = True
+        self._wake.set()
+
     def wake(self) -> None:
+        """Run the claim path now (rows were added without a handoff)."""
+        self._poll_now = True
         self._wake.set()
 
     async def start(self) -> None:
         if self._task is None:
+            self._poll_now = True
             self._task = asyncio.create_task(self._run(), name=f"outbox-{self._name}")
 
     async def stop(self) -> None:
@@ -134,47 +175,97 @@ class OutboxRelay:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        with contextlib.suppress(Exception):
+            await self._mark_sent()  # what was published need not be published again
+        self._handed.clear()
+        self._in_flight.clear()
 
     async def _run(self) -> None:
         while True:
             try:
-                while await self.relay_once() >= self._batch_size:
-                    pass
-                await self._maybe_purge()
+                await self._publish_handed()
+                now = self._clock()
+                # Marks are bookkeeping: batch them so they do not compete for the
+                # database with the work itself.
+                if self._unmarked and (now - self._last_mark >= self._mark_interval
+                                       or len(self._unmarked) >= 10_000):
+                    await self._mark_sent()
+                if self._poll_now or now - self._last_poll >= self._poll_interval:
+                    self._poll_now = False
+                    self._last_poll = now
+                    while await self.relay_once() >= self._batch_size:
+                        pass
+                    await self._maybe_purge()
             except asyncio.CancelledError:
                 raise
             except Exception:  # the relay must outlive a database or broker outage
                 log.exception("outbox_relay_failed", relay=self._name)
                 await asyncio.sleep(self._retry_delay)
+            if self._handed:
+                continue
+            timeout = self._mark_interval if self._unmarked else self._poll_interval
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._poll_interval)
+                await asyncio.wait_for(self._wake.wait(), timeout)
             self._wake.clear()
+
+    async def _publish_handed(self) -> None:
+        while self._handed:
+            batch = self._handed[:1000]
+            del self._handed[: len(batch)]
+            try:
+                await self._transport.publish(batch)
+            except Exception as exc:
+                # The rows stay pending in the table: the claim path retries them one by one.
+                log.warning("outbox_fast_publish_failed", relay=self._name, rows=len(batch),
+                            error=type(exc).__name__)
+                self._in_flight.difference_update(m.message_id for m in batch)
+                self._poll_now = True
+                continue
+            self.published += len(batch)
+            self._unmarked.extend(m.message_id for m in batch)
+
+    async def _mark_sent(self) -> None:
+        if not self._unmarked:
+            return
+        ids, self._unmarked = self._unmarked, []
+        now = self._last_mark = self._clock()
+        async with self._db.transaction() as conn:
+            for start in range(0, len(ids), 1000):
+                chunk = ids[start : start + 1000]
+                await conn.execute(
+                    update(outbox).where(outbox.c.message_id.in_(chunk)).values(sent_at=now)
+                )
+        self._in_flight.difference_update(ids)
 
     def _pending(self, now: float) -> Any:
         return (
             select(outbox.c.id, outbox.c.message_id, outbox.c.routing_key, outbox.c.body,
                    outbox.c.headers)
             .where(and_(outbox.c.sent_at.is_(None),
+                        outbox.c.created_at <= now - self._grace,
                         or_(outbox.c.retry_at.is_(None), outbox.c.retry_at <= now)))
             .order_by(outbox.c.id)
             .limit(self._batch_size)
         )
 
     async def relay_once(self) -> int:
-        """Claim, publish and mark one batch; returns how many rows it handled."""
+        """Claim, publish and mark one batch of pending rows; returns how many it claimed."""
+        await self._mark_sent()
         now = self._clock()
         if self._db.is_postgres:
             async with self._db.transaction() as conn:
                 claim = self._pending(now).with_for_update(skip_locked=True)
                 rows = (await conn.execute(claim)).all()
-                if rows:
-                    await self._publish_and_mark(conn, rows)
+                mine = [r for r in rows if r.message_id not in self._in_flight]
+                if mine:
+                    await self._publish_and_mark(conn, mine)
             return len(rows)
         async with self._db.transaction() as conn:
             rows = (await conn.execute(self._pending(now))).all()
-        if rows:
+        mine = [r for r in rows if r.message_id not in self._in_flight]
+        if mine:
             async with self._db.transaction() as conn:
-                await self._publish_and_mark(conn, rows)
+                await self._publish_and_mark(conn, mine)
         return len(rows)
 
     async def _publish_and_mark(self, conn: AsyncConnection, rows: Sequence[Any]) -> None:

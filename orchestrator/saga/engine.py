@@ -25,11 +25,11 @@ from typing import Any
 import msgspec
 import structlog
 from prometheus_client import Counter, Histogram
-from sqlalchemy import and_, bindparam, delete, func, select, tuple_, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from infra.db.database import Database
+from infra.db.fast import chunks, execute_many, fetch, in_list
 from infra.db.inbox import InboxConsumer
 from infra.db.outbox import OutboxRelay, add_to_outbox
 from infra.transport.base import Outgoing, Transport
@@ -38,7 +38,6 @@ from orchestrator.saga.machine import (
     Effects,
     Machine,
     SagaState,
-    TimelineEntry,
     Timer,
 )
 from orchestrator.saga.tables import saga_timeline, saga_timers, sagas
@@ -53,6 +52,32 @@ SAGA_TRANSITIONS = Counter(
 STEP_LATENCY = Histogram(
     "jpki_saga_step_seconds", "From sending a step's command to its answer", ["flow", "step"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+_SELECT_SAGAS = (
+    "SELECT saga_id, flow, status, paused, position, attempt, waiting, completed, data, "
+    "reason, version, created_at, updated_at FROM sagas"
+)
+_INSERT_SAGA = (
+    "INSERT INTO sagas (saga_id, flow, status, paused, position, attempt, waiting, completed, "
+    "data, reason, version, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# the version in the WHERE: a saga changed by someone else since we read it is not
+# overwritten (the batch fails and is retried)
+_UPDATE_SAGA = (
+    "UPDATE sagas SET status = ?, paused = ?, position = ?, attempt = ?, waiting = ?, "
+    "completed = ?, data = ?, reason = ?, version = ?, updated_at = ? "
+    "WHERE saga_id = ? AND version = ?"
+)
+_INSERT_TIMELINE = (
+    "INSERT INTO saga_timeline (saga_id, at, event, step, attempt, detail) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+_DELETE_TIMER = "DELETE FROM saga_timers WHERE saga_id = ? AND kind = ?"
+_UPSERT_TIMER = (
+    "INSERT INTO saga_timers (saga_id, kind, fire_at, step, attempt) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (saga_id, kind) DO UPDATE SET fire_at = excluded.fire_at, "
+    "step = excluded.step, attempt = excluded.attempt"
 )
 
 _completed_encoder = msgspec.json.Encoder()
@@ -107,7 +132,8 @@ class SagaEngine:
         rng: random.Random | None = None,
         batch_size: int = 256,
         prefetch: int = 1024,
-        timer_interval: float = 0.1,
+        timer_interval: float = 0.05,
+        timer_full_poll: float = 1.0,
         relay: OutboxRelay | None = None,
     ) -> None:
         self.db = db
@@ -127,6 +153,8 @@ class SagaEngine:
             batch_size=batch_size, prefetch=prefetch, clock=clock,
         )
         self._timer_interval = timer_interval
+        self._timer_full_poll = timer_full_poll
+        self._next_timer = 0.0  # earliest fire_at known here: poll at start
         self._timer_task: asyncio.Task[None] | None = None
 
     # -- life cycle --------------------------------------------------------------------------
@@ -254,9 +282,11 @@ class SagaEngine:
             else:
                 self.machine.on_message(state, message, fx)
             touched[saga_id] = state
-        await self._persist(conn, list(touched.values()), fx)  # outbox rows included
+        # the consumer writes fx.outgoing to the outbox in this transaction and hands it
+        # to the relay after the commit
+        await self._persist(conn, list(touched.values()), fx, outbox=False)
         self._after_commit_metrics(fx)
-        return []
+        return fx.outgoing
 
     @staticmethod
     def _is_reply(message: Message) -> bool:
@@ -264,15 +294,27 @@ class SagaEngine:
 
     # -- timers ----------------------------------------------------------------------------
     async def _timer_loop(self) -> None:
+        # Poll when the earliest timer this process knows of is due, and at least every
+        # ``timer_full_poll`` seconds for timers other orchestrators (or a crash) left.
+        last_full = 0.0
         while True:
             try:
-                while await self.fire_due_timers() > 0:
-                    pass
+                now = self.clock()
+                if now >= self._next_timer or now - last_full >= self._timer_full_poll:
+                    last_full = now
+                    while await self.fire_due_timers() > 0:
+                        pass
+                    self._next_timer = await self._earliest_timer()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("saga_timer_poll_failed", queue=self.queue)
             await asyncio.sleep(self._timer_interval)
+
+    async def _earliest_timer(self) -> float:
+        async with self.db.transaction() as conn:
+            earliest = (await conn.execute(select(func.min(saga_timers.c.fire_at)))).scalar()
+        return float("inf") if earliest is None else float(earliest)
 
     async def fire_due_timers(self, limit: int = 256) -> int:
         """Fire the timers due by the clock's now; returns how many fired."""
@@ -313,101 +355,77 @@ class SagaEngine:
         self, conn: AsyncConnection, saga_ids: Sequence[str], *, lock: bool = True,
         skip_locked: bool = False,
     ) -> dict[str, SagaState]:
-        if not saga_ids:
-            return {}
-        query = select(sagas).where(sagas.c.saga_id.in_(list(saga_ids))).order_by(sagas.c.saga_id)
-        if lock and self.db.is_postgres:
-            query = query.with_for_update(skip_locked=skip_locked)
         states: dict[str, SagaState] = {}
-        for row in (await conn.execute(query)).all():
-            try:
-                flow = self.registry.get(row.flow)
-            except JpkiError:
-                log.warning("saga_of_unknown_flow", saga_id=row.saga_id, flow=row.flow)
-                continue
-            states[row.saga_id] = SagaState(
-                saga_id=row.saga_id, flow=flow, status=row.status, paused=row.paused,
-                position=row.position, attempt=row.attempt, waiting=row.waiting,
-                completed=_completed_decoder.decode(row.completed),
-                data=flow.decode_data(row.data), reason=row.reason, version=row.version,
-                created_at=row.created_at, updated_at=row.updated_at,
-            )
+        suffix = ""
+        if lock and self.db.is_postgres:
+            suffix = " FOR UPDATE SKIP LOCKED" if skip_locked else " FOR UPDATE"
+        for chunk in chunks(sorted(saga_ids), 500):
+            sql = f"{_SELECT_SAGAS} WHERE saga_id IN {in_list(len(chunk))} ORDER BY saga_id{suffix}"
+            for row in await fetch(conn, sql, tuple(chunk)):
+                (saga_id, flow_name, status, paused, position, attempt, waiting, completed,
+                 data, reason, version, created_at, updated_at) = row
+                flow = self.registry.flows.get(flow_name)
+                if flow is None:
+                    log.warning("saga_of_unknown_flow", saga_id=saga_id, flow=flow_name)
+                    continue
+                states[saga_id] = SagaState(
+                    saga_id=saga_id, flow=flow, status=status, paused=bool(paused),
+                    position=position, attempt=attempt, waiting=waiting,
+                    completed=_completed_decoder.decode(completed),
+                    data=flow.decode_data(data), reason=reason, version=version,
+                    created_at=created_at, updated_at=updated_at,
+                )
         return states
 
     async def _persist(
-        self, conn: AsyncConnection, states: Sequence[SagaState], fx: Effects
+        self, conn: AsyncConnection, states: Sequence[SagaState], fx: Effects, *,
+        outbox: bool = True,
     ) -> None:
-        new_rows, changed_rows = [], []
+        new_rows: list[tuple[Any, ...]] = []
+        changed_rows: list[tuple[Any, ...]] = []
         for state in states:
             if not state.changed:
                 continue
-            row = {
-                "status": state.status, "paused": state.paused, "position": state.position,
-                "attempt": state.attempt, "waiting": state.waiting,
-                "completed": _completed_encoder.encode(state.completed).decode(),
-                "data": state.flow.encode_data(state.data).decode(), "reason": state.reason,
-                "updated_at": state.updated_at,
-            }
+            completed = _completed_encoder.encode(state.completed).decode()
+            data = state.flow.encode_data(state.data).decode()
             if state.is_new:
-                row.update(saga_id=state.saga_id, flow=state.flow.name, version=1,
-                           created_at=state.created_at)
-                new_rows.append(row)
+                new_rows.append((
+                    state.saga_id, state.flow.name, state.status, state.paused, state.position,
+                    state.attempt, state.waiting, completed, data, state.reason, 1,
+                    state.created_at, state.updated_at,
+                ))
             else:
-                row.update(b_saga_id=state.saga_id, b_version=state.version,
-                           version=state.version + 1)
-                changed_rows.append(row)
-        if new_rows:
-            await conn.execute(sagas.insert(), new_rows)
-        if changed_rows:
-            statement = (
-                update(sagas)
-                .where(and_(sagas.c.saga_id == bindparam("b_saga_id"),
-                            sagas.c.version == bindparam("b_version")))
-                .values(
-                    status=bindparam("status"), paused=bindparam("paused"),
-                    position=bindparam("position"), attempt=bindparam("attempt"),
-                    waiting=bindparam("waiting"), completed=bindparam("completed"),
-                    data=bindparam("data"), reason=bindparam("reason"),
-                    updated_at=bindparam("updated_at"), version=bindparam("version"),
-                )
-            )
-            result = await conn.execute(statement, changed_rows)
-            if 0 <= result.rowcount < len(changed_rows):
-                raise ConcurrentUpdate(f"{len(changed_rows) - result.rowcount} sagas changed "
-                                       "under this transaction")
-        if fx.timeline:
-            await conn.execute(saga_timeline.insert(), [_timeline_row(e) for e in fx.timeline])
+                changed_rows.append((
+                    state.status, state.paused, state.position, state.attempt, state.waiting,
+                    completed, data, state.reason, state.version + 1, state.updated_at,
+                    state.saga_id, state.version,
+                ))
+        await execute_many(conn, _INSERT_SAGA, new_rows)
+        changed = await execute_many(conn, _UPDATE_SAGA, changed_rows)
+        if 0 <= changed < len(changed_rows):
+            raise ConcurrentUpdate(f"{len(changed_rows) - changed} sagas changed under this "
+                                   "transaction")
+        await execute_many(conn, _INSERT_TIMELINE, [
+            (e.saga_id, e.at, e.event, e.step, e.attempt, e.detail) for e in fx.timeline
+        ])
         await self._write_timers(conn, fx.timers)
-        await add_to_outbox(conn, fx.outgoing, now=self.clock())
+        if outbox:
+            await add_to_outbox(conn, fx.outgoing, now=self.clock())
 
     async def _write_timers(
         self, conn: AsyncConnection, timers: dict[tuple[str, str], Timer | None]
     ) -> None:
         to_set = [
-            {"saga_id": saga_id, "kind": kind, "fire_at": t.fire_at, "step": t.step,
-             "attempt": t.attempt}
+            (saga_id, kind, t.fire_at, t.step, t.attempt)
             for (saga_id, kind), t in timers.items() if t is not None
         ]
-        to_delete = [key for key, t in timers.items() if t is None]
-        if to_delete:
-            await conn.execute(
-                delete(saga_timers).where(
-                    tuple_(saga_timers.c.saga_id, saga_timers.c.kind).in_(to_delete)
-                )
-            )
+        await execute_many(conn, _DELETE_TIMER, [key for key, t in timers.items() if t is None])
         if to_set:
-            dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-            statement = dialect.insert(saga_timers)
-            statement = statement.on_conflict_do_update(
-                index_elements=["saga_id", "kind"],
-                set_={"fire_at": statement.excluded.fire_at, "step": statement.excluded.step,
-                      "attempt": statement.excluded.attempt},
-            )
-            await conn.execute(statement, to_set)
+            self._next_timer = min(self._next_timer, min(row[2] for row in to_set))
+            await execute_many(conn, _UPSERT_TIMER, to_set)
 
     def _after_commit(self, fx: Effects) -> None:
-        if fx.outgoing:
-            self.relay.wake()
+        self.relay.handoff(fx.outgoing)
         self._after_commit_metrics(fx)
 
     @staticmethod
@@ -416,8 +434,3 @@ class SagaEngine:
             SAGA_TRANSITIONS.labels(flow, before or "new", after).inc()
         for flow, step, seconds in fx.latencies:
             STEP_LATENCY.labels(flow, step).observe(seconds)
-
-
-def _timeline_row(entry: TimelineEntry) -> dict[str, Any]:
-    return {"saga_id": entry.saga_id, "at": entry.at, "event": entry.event, "step": entry.step,
-            "attempt": entry.attempt, "detail": entry.detail}
