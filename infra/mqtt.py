@@ -159,6 +159,8 @@ class MqttSession:
         # aiomqtt has no manual-ack switch; its paho client does. Acking after handling
         # is what makes QoS 1 at-least-once through a crash.
         client._client.manual_ack_set(True)
+        # A pipelined gateway keeps many publishes waiting for PUBACK on purpose.
+        client.pending_calls_threshold = max(10, 2 * self._max_inflight)
         return client
 
     async def _run(self) -> None:

@@ -47,7 +47,14 @@ from infra.bus import (
     RetryBackoff,
     check_from_phone,
 )
-from infra.mqtt import TOPIC_ROOT, MqttSession, device_of, down_topic, shared_up_topics
+from infra.mqtt import (
+    GATEWAY_SHARE_GROUP,
+    TOPIC_ROOT,
+    MqttSession,
+    device_of,
+    down_topic,
+    shared_up_topics,
+)
 from infra.transport.base import Delivery, Outgoing, Subscription, Transport, Unroutable
 from infra.transport.ordering import PerKeyOrder
 from protocol.envelope import decode
@@ -75,7 +82,9 @@ class Gateway:
         *,
         name: str | None = None,
         topic_root: str = TOPIC_ROOT,
-        share_group: str = "jpki-gateway",
+        share_group: str = GATEWAY_SHARE_GROUP,
+        down_queue: str = GATEWAY_QUEUE,
+        up_queue: str = UP_QUEUE,
         prefetch: int = 256,
         max_inflight: int = 100,
         backoff: RetryBackoff | None = None,
@@ -85,6 +94,8 @@ class Gateway:
         self.stats = GatewayStats()
         self._transport = transport
         self._root = topic_root
+        self.down_queue = down_queue
+        self.up_queue = up_queue
         self._prefetch = prefetch
         self._backoff = backoff or RetryBackoff(base=0.1, cap=5.0)
         self._rng = rng or random.Random()
@@ -104,16 +115,16 @@ class Gateway:
 
     async def declare(self) -> None:
         await self._transport.declare_queue(
-            GATEWAY_QUEUE, GATEWAY_BINDINGS, single_active_consumer=True
+            self.down_queue, GATEWAY_BINDINGS, single_active_consumer=True
         )
-        await self._transport.declare_queue(UP_QUEUE, [])
+        await self._transport.declare_queue(self.up_queue, [])
 
     async def start(self) -> None:
         await self.declare()
         await self._mqtt.start()
         self._subscriptions = [
-            await self._transport.consume(GATEWAY_QUEUE, self._to_phone, prefetch=self._prefetch),
-            await self._transport.consume(UP_QUEUE, self._replayed, prefetch=16),
+            await self._transport.consume(self.down_queue, self._to_phone, prefetch=self._prefetch),
+            await self._transport.consume(self.up_queue, self._replayed, prefetch=16),
         ]
         log.info("gateway.started", gateway=self.name)
 
@@ -152,10 +163,10 @@ class Gateway:
 
     async def _park_up(self, topic: str, raw: bytes, reason: str) -> None:
         log.warning("gateway.up_refused", topic=topic, reason=reason)
-        parked = Outgoing(UP_QUEUE, raw, _message_id_of(raw), headers={TOPIC_HEADER: topic})
-        await self._retrying(lambda: self._transport.park(UP_QUEUE, parked, reason))
+        parked = Outgoing(self.up_queue, raw, _message_id_of(raw), headers={TOPIC_HEADER: topic})
+        await self._retrying(lambda: self._transport.park(self.up_queue, parked, reason))
         self.stats.parked += 1
-        metrics.PARKED.labels(UP_QUEUE, "invalid").inc()
+        metrics.PARKED.labels(self.up_queue, "invalid").inc()
 
     async def _until_published(self, outgoing: Outgoing) -> None:
         await self._retrying(lambda: self._transport.publish([outgoing]))
