@@ -1,0 +1,189 @@
+"""The CA worker over a transport: inbox de-duplication, outbox replies, typed failures."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+from ca_support import OTHER_SE, SE, application, card_sign, issue_card, key_request
+
+from infra.db.outbox import outgoing
+from infra.transport.inprocess import InProcessTransport
+from protocol.envelope import build, decode
+from workers.ca import messages as m
+from workers.ca.errors import CaErrorCode
+from workers.ca.profiles import CertType, Holder
+from workers.ca.revocation import Cause, Status
+from workers.ca.service import CaWorker
+from workers.ca.state_check import Branch
+
+REPLY_WAIT = 10.0
+
+
+class Harness:
+    """Publishes commands to the ``ca`` queue and collects replies as the orchestrator would."""
+
+    def __init__(self, transport) -> None:
+        self.transport = transport
+        self.replies: asyncio.Queue = asyncio.Queue()
+
+    async def start(self, queue: str = "orchestrator.test") -> None:
+        await self.transport.declare_queue(queue, ["ca.reply.#"])
+
+        async def collect(delivery) -> None:
+            await self.replies.put(decode(delivery.body))
+            await delivery.ack()
+
+        self.subscription = await self.transport.consume(queue, collect)
+
+    async def send(self, body, saga_id: str | None = "saga-1", message_id: str | None = None):
+        message = build(body, saga_id=saga_id, message_id=message_id)
+        await self.transport.publish([outgoing(message)])
+        return message
+
+    async def reply(self):
+        return await asyncio.wait_for(self.replies.get(), REPLY_WAIT)
+
+
+@pytest.fixture(params=["inprocess", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+async def running(request, ca, unique):
+    if request.param == "rabbitmq":
+        from infra.transport.rabbitmq import RabbitMQTransport
+
+        # an exchange and queues of our own: other runs on the broker never see our commands
+        transport = RabbitMQTransport(
+            request.getfixturevalue("amqp_url"),
+            exchange=f"jpki.test.{unique}",
+            dead_letter_exchange=f"jpki.test.{unique}.dlx",
+        )
+        queues = (f"ca.test.{unique}", f"orchestrator.test.{unique}")
+    else:
+        transport = InProcessTransport()
+        queues = ("ca", "orchestrator.test")
+    await transport.connect()
+    worker = CaWorker(ca, transport, queue=queues[0])
+    harness = Harness(transport)
+    await harness.start(queues[1])
+    await worker.start()
+    yield harness, worker
+    await worker.stop()
+    await harness.subscription.cancel()
+    await transport.close()
+
+
+def verify_command(card, saga_id: str, nonce: bytes, *, se=SE, command_id: str = "verify-1"):
+    app = application(saga_id, nonce, se=se)
+    return m.VerifyApplication(
+        command_id=command_id,
+        se=SE,
+        nonce=nonce,
+        to_be_signed=app.to_be_signed(),
+        signature=card_sign(card, app),
+        card_certificate=card.certs.sign.der,
+    )
+
+
+def issue_command(saga_id: str, keys, command_id: str = "issue-1", pair=None):
+    requests = pair or [
+        key_request(saga_id, CertType.AUTH, keys()),
+        key_request(saga_id, CertType.SIGN, keys()),
+    ]
+    return m.IssueCertificates(
+        command_id=command_id,
+        public_keys=[
+            m.PublicKeyProof(
+                kind=r.cert_type,
+                public_key_der=r.public_key_der,
+                challenge=r.challenge,
+                proof=r.proof,
+            )
+            for r in requests
+        ],
+    ), requests
+
+
+async def test_issuance_over_the_bus(running, ca, keys) -> None:
+    harness, worker = running
+    card = await issue_card(ca, keys)
+    sent = await harness.send(verify_command(card, "saga-1", os.urandom(32)))
+    reply = await harness.reply()
+    assert reply.envelope.type == "ca.reply.verify_application"
+    assert (
+        reply.envelope.saga_id == "saga-1"
+        and reply.envelope.causation_id == sent.envelope.message_id
+    )
+    assert reply.body.ok and reply.body.person_id == card.person.person_id
+    assert reply.body.card_serial == card.certs.sign.serial
+
+    await harness.send(m.StateCheckRequest(command_id="check-1"))
+    check = (await harness.reply()).body
+    assert check.ok and check.branch is Branch.NEW_ISSUANCE
+
+    command, requests = issue_command("saga-1", keys)
+    first = await harness.send(command)
+    issued = (await harness.reply()).body
+    assert issued.ok and [c.kind for c in issued.certificates] == [CertType.AUTH, CertType.SIGN]
+
+    # the same message delivered again: the inbox answers nothing twice
+    await harness.send(command, message_id=first.envelope.message_id)
+    # the same command re-sent under a new message id: the same certificates
+    again_command, _ = issue_command("saga-1", keys, command_id="issue-1", pair=requests)
+    await harness.send(again_command)
+    again = (await harness.reply()).body
+    assert [c.certificate for c in again.certificates] == [
+        c.certificate for c in issued.certificates
+    ]
+    assert harness.replies.empty()
+    assert worker.consumer.duplicates == 1
+    assert len(await ca.certificates(holder=Holder.PHONE)) == 2
+
+    # life cycle: temporary loss, found, then a move cascades from the card
+    await harness.send(m.Hold(command_id="hold-1", selection=m.Selection(se_cin=SE.cin)))
+    held = (await harness.reply()).body
+    assert {(c.kind, c.status, c.reason) for c in held.changes} == {
+        (CertType.AUTH, Status.HELD, "certificate_hold"),
+        (CertType.SIGN, Status.HELD, "certificate_hold"),
+    }
+    auth_serial = issued.certificates[0].serial
+    await harness.send(
+        m.Release(command_id="release-1", selection=m.Selection(serials=[auth_serial]))
+    )
+    released = (await harness.reply()).body
+    assert [(c.serial, c.status) for c in released.changes] == [(auth_serial, Status.VALID)]
+    await harness.send(
+        m.CardCertificateRevoked(
+            command_id="card-1", card_serial=card.certs.sign.serial, cause=Cause.CARD_FACTS_CHANGED
+        )
+    )
+    cascade = (await harness.reply()).body
+    assert {(c.holder, c.kind, c.reason) for c in cascade.changes} == {
+        (Holder.CARD, CertType.SIGN, "affiliation_changed"),
+        (Holder.PHONE, CertType.SIGN, "affiliation_changed"),
+    }
+
+
+async def test_refusals_are_typed_replies_and_change_nothing(running, ca, keys) -> None:
+    harness, _ = running
+    card = await issue_card(ca, keys)
+    await harness.send(verify_command(card, "saga-1", os.urandom(32), se=OTHER_SE))
+    refused = (await harness.reply()).body
+    assert not refused.ok and refused.failure.code is CaErrorCode.WRONG_SECURE_ELEMENT
+    assert not refused.failure.transient
+    command, _ = issue_command("saga-1", keys)
+    await harness.send(command)
+    assert (await harness.reply()).body.failure.code is CaErrorCode.APPLICATION_NOT_VERIFIED
+
+    # a release of a certificate not held is refused and its savepoint rolls back alone
+    await harness.send(verify_command(card, "saga-2", nonce := os.urandom(32)), saga_id="saga-2")
+    assert (await harness.reply()).body.ok
+    command, _ = issue_command("saga-2", keys)
+    await harness.send(command, saga_id="saga-2")
+    issued = (await harness.reply()).body
+    serials = [c.serial for c in issued.certificates]
+    await harness.send(m.Release(command_id="release-x", selection=m.Selection(serials=serials)))
+    assert (await harness.reply()).body.failure.code is CaErrorCode.INVALID_TRANSITION
+    await harness.send(m.StateCheckRequest(command_id="check-x"), saga_id=None)
+    assert (await harness.reply()).body.failure.code is CaErrorCode.INVALID_REQUEST
+    assert all(r.status is Status.VALID for r in await ca.certificates(holder=Holder.PHONE))
+    assert nonce  # consumed by saga-2 only

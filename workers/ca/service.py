@@ -1,0 +1,242 @@
+"""The CA worker: consumes the ``ca`` queue, answers on ``ca.reply.<op>``.
+
+Each batch of deliveries runs in one transaction with its inbox rows and outbox replies
+(``infra.db.InboxConsumer``): a redelivered command is recognised and not run twice, and a
+reply leaves only if the effect committed. Each command runs inside its own savepoint, so a
+refused command (a ``CaError``: forged signature, revoked card, ...) rolls back only its own
+work and is answered with a ``Failure``; a transient error (CA key unavailable) propagates
+and the message is retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from infra.bus import SERVICE_QUEUES, declare_topology
+from infra.db.inbox import InboxConsumer
+from infra.db.outbox import OutboxRelay, outgoing
+from infra.transport.base import Outgoing, Transport
+from protocol.envelope import Message, build
+from protocol.errors import Disposition
+from workers.ca import messages as m
+from workers.ca.authority import CertificateAuthority, KeyRequest, StatusChange
+from workers.ca.errors import CaError, InvalidRequest
+from workers.ca.profiles import Holder
+from workers.ca.revocation import Cause, Status
+
+log = structlog.get_logger("ca.service")
+
+QUEUE = "ca"
+
+Handler = Callable[[AsyncConnection, Message], Awaitable[m.CaReply]]
+
+
+class CaService:
+    """The message shell around a ``CertificateAuthority``."""
+
+    def __init__(self, authority: CertificateAuthority) -> None:
+        self.authority = authority
+        self._handlers: dict[type, tuple[Handler, type[m.CaReply]]] = {
+            m.VerifyApplication: (self._verify, m.ApplicationVerified),
+            m.StateCheckRequest: (self._state_check, m.StateCheckResult),
+            m.IssueCertificates: (self._issue, m.CertificatesIssued),
+            m.Hold: (self._hold, m.HoldDone),
+            m.Release: (self._release, m.ReleaseDone),
+            m.Revoke: (self._revoke, m.RevokeDone),
+            m.CardCertificateRevoked: (self._card_cascade, m.CardCascadeDone),
+        }
+
+    async def handle_batch(
+        self, conn: AsyncConnection, messages: list[Message]
+    ) -> Sequence[Outgoing]:
+        replies: list[Outgoing] = []
+        for message in messages:
+            reply = await self.handle(conn, message)
+            if reply is not None:
+                replies.append(reply)
+        return replies
+
+    async def handle(self, conn: AsyncConnection, message: Message) -> Outgoing | None:
+        entry = self._handlers.get(type(message.body))
+        if entry is None:
+            log.warning("ca.unexpected_message", message_type=message.envelope.type)
+            return None
+        handler, reply_type = entry
+        try:
+            async with conn.begin_nested():
+                body = await handler(conn, message)
+        except CaError as exc:
+            if exc.disposition is Disposition.TRANSIENT:
+                raise
+            log.info("ca.refused", message_type=message.envelope.type, code=exc.code.value)
+            body = reply_type(
+                command_id=message.body.command_id,
+                failure=m.Failure(code=exc.code, detail=str(exc)),
+            )
+        reply = build(
+            body,
+            saga_id=message.envelope.saga_id,
+            device_id=message.envelope.device_id,
+            causation_id=message.envelope.message_id,
+        )
+        return outgoing(reply, routing_key=message.envelope.reply_to)
+
+    # ------------------------------------------------------------------ handlers
+
+    @staticmethod
+    def _saga(message: Message) -> str:
+        saga_id = message.envelope.saga_id
+        if not saga_id:
+            raise InvalidRequest("this command belongs to a saga: the envelope names none")
+        return saga_id
+
+    async def _verify(self, conn: AsyncConnection, message: Message) -> m.CaReply:
+        body: m.VerifyApplication = message.body
+        verified = await self.authority.verify_application(
+            saga_id=self._saga(message),
+            expected_nonce=body.nonce,
+            expected_se=body.se,
+            to_be_signed=body.to_be_signed,
+            signature=body.signature,
+            card_certificate=body.card_certificate,
+            conn=conn,
+        )
+        return m.ApplicationVerified(
+            command_id=body.command_id,
+            person_id=verified.person_id,
+            card_serial=verified.card_serial,
+            certificates=list(verified.certificates),
+            pin_option=verified.pin_option,
+        )
+
+    async def _state_check(self, conn: AsyncConnection, message: Message) -> m.CaReply:
+        check = await self.authority.state_check(self._saga(message), conn=conn)
+        return m.StateCheckResult(
+            command_id=message.body.command_id,
+            branch=check.branch,
+            revoke_now=list(check.revoke_now),
+            release=list(check.release),
+            revoke_after_success=list(check.revoke_after_success),
+            old_se=list(check.old_se),
+        )
+
+    async def _issue(self, conn: AsyncConnection, message: Message) -> m.CaReply:
+        body: m.IssueCertificates = message.body
+        issued = await self.authority.issue(
+            self._saga(message),
+            [
+                KeyRequest(
+                    cert_type=key.kind,
+                    public_key_der=key.public_key_der,
+                    challenge=key.challenge,
+                    proof=key.proof,
+                )
+                for key in body.public_keys
+            ],
+            conn=conn,
+        )
+        return m.CertificatesIssued(
+            command_id=body.command_id,
+            certificates=[
+                m.Certificate(
+                    kind=c.cert_type,
+                    serial=c.serial,
+                    certificate=c.der,
+                    ca_certificate=c.ca_der,
+                    not_after=c.not_after,
+                )
+                for c in issued
+            ],
+        )
+
+    async def _select(
+        self, conn: AsyncConnection, selection: m.Selection, target: Status, cause: Any
+    ) -> list[StatusChange]:
+        if selection.serials:
+            changes: list[StatusChange] = []
+            for serial in selection.serials:
+                changes += await self.authority.change_status(serial, target, cause, conn=conn)
+            return changes
+        return await self.authority.change_status_of(
+            target,
+            cause,
+            se_cin=selection.se_cin,
+            person_id=selection.person_id,
+            cert_types=selection.kinds,
+            conn=conn,
+        )
+
+    async def _hold(self, conn: AsyncConnection, message: Message) -> m.CaReply:
+        body: m.Hold = message.body
+        changes = await self._select(conn, body.selection, Status.HELD, Cause.TEMPORARY_LOSS)
+        return m.HoldDone(command_id=body.command_id, changes=_changes(changes))
+
+    async def _release(self, conn: AsyncConnection, message: Message) -> m.CaReply:
+        body: m.Release = message.body
+        changes = await self._select(conn, body.selection, Status.VALID, Cause.FOUND)
+        return m.ReleaseDone(command_id=body.command_id, changes=_changes(changes))
+
+    async def _revoke(self, conn: AsyncConnection, message: Message) -> m.CaReply:
+        body: m.Revoke = message.body
+        changes = await self._select(conn, body.selection, Status.REVOKED, body.cause)
+        return m.RevokeDone(command_id=body.command_id, changes=_changes(changes))
+
+    async def _card_cascade(self, conn: AsyncConnection, message: Message) -> m.CaReply:
+        body: m.CardCertificateRevoked = message.body
+        record = await self.authority.certificate(body.card_serial, conn=conn)
+        if record.holder is not Holder.CARD:
+            raise InvalidRequest("the cascade starts from a card certificate")
+        changes = await self.authority.revoke(body.card_serial, body.cause, conn=conn)
+        return m.CardCascadeDone(command_id=body.command_id, changes=_changes(changes))
+
+
+def _changes(changes: list[StatusChange]) -> list[m.StatusChange]:
+    return [
+        m.StatusChange(
+            serial=c.serial,
+            kind=c.cert_type,
+            holder=c.holder,
+            status=c.status,
+            reason=c.reason,
+            changed=c.changed,
+        )
+        for c in changes
+    ]
+
+
+class CaWorker:
+    """The running worker: queue declared, inbox consumer and outbox relay started."""
+
+    def __init__(
+        self, authority: CertificateAuthority, transport: Transport, *, queue: str = QUEUE
+    ) -> None:
+        self.service = CaService(authority)
+        self._transport = transport
+        self._queue = queue
+        self.relay = OutboxRelay(authority.database, transport, name=queue)
+        self.consumer = InboxConsumer(
+            authority.database, transport, queue, self.service.handle_batch, relay=self.relay
+        )
+
+    async def start(self) -> None:
+        await declare_topology(self._transport, {self._queue: SERVICE_QUEUES[QUEUE]}, gateway=False)
+        await self.relay.start()
+        await self.consumer.start()
+        log.info("ca.worker_started", queue=self._queue)
+
+    async def stop(self) -> None:
+        await self.consumer.stop()
+        await self.relay.stop()
+
+
+async def run_until_cancelled(worker: CaWorker) -> None:
+    await worker.start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await worker.stop()
