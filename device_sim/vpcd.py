@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import enum
+import socket
 import struct
 from collections.abc import Callable
 from typing import Protocol
@@ -86,11 +87,29 @@ def _trace(command: bytes, response: bytes) -> None:
               response_bytes=len(response) - 2)
 
 
+def _ack_quickly(writer: asyncio.StreamWriter) -> None:
+    """Re-arm TCP_QUICKACK (Linux resets it after each ACK).
+
+    The vpcd driver sends the length and the payload in two writes; with Nagle on its side
+    and delayed ACKs on ours every APDU would wait about 40 ms for our ACK.
+    """
+    sock = writer.get_extra_info("socket")
+    quickack = getattr(socket, "TCP_QUICKACK", None)
+    if sock is not None and quickack is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+
+
 async def _serve_connection(
     card: VirtualCard, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
 ) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     while True:
+        _ack_quickly(writer)
         length = struct.unpack(">H", await reader.readexactly(2))[0]
+        _ack_quickly(writer)
         payload = await reader.readexactly(length)
         answer = handle_message(card, payload)
         if answer is not None:
