@@ -201,16 +201,19 @@ class AuthenticatedHost:
             raise SecureChannelClosed("no command is waiting for this response")
         expect, chain, counter = self._pending.popleft()
         try:
-            if expect is _Expect.COMMAND:
-                return self._core.verify_response(response, chain, counter)  # type: ignore[union-attr]
+            if expect is _Expect.INITIALIZE_UPDATE:
+                self._verify_initialize_update(response)
+                return response
             if expect is _Expect.EXTERNAL_AUTHENTICATE:
                 if response.sw != 0x9000:
                     raise CryptogramMismatch(
                         f"EXTERNAL AUTHENTICATE refused with SW {response.sw:04X}"
                     )
                 return response
-            self._verify_initialize_update(response)
-            return response
+            core = self._core
+            if core is None:  # a command is only ever queued after EXTERNAL AUTHENTICATE
+                raise SecureChannelClosed("response to a command wrapped before authentication")
+            return core.verify_response(response, chain, counter)
         except SecureChannelError:
             self._dead = True
             raise
