@@ -8,8 +8,10 @@ names — never message ids, device ids or saga ids.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping
 
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 PARKING_SUFFIX = ".parking"
@@ -93,6 +95,20 @@ def update_queue_depths(depths: Mapping[str, int]) -> None:
             PARKING_LOT_SIZE.labels(queue[: -len(PARKING_SUFFIX)]).set(depth)
         else:
             QUEUE_DEPTH.labels(queue).set(depth)
+
+
+async def watch_queue_depths(
+    queue_depths: Callable[[], Awaitable[Mapping[str, int]]], every: float = 15.0
+) -> None:
+    """Refresh the depth gauges from ``Transport.queue_depths`` until cancelled."""
+    while True:
+        try:
+            update_queue_depths(await queue_depths())
+        except Exception as exc:  # a broker hiccup must not end the watch
+            structlog.get_logger(__name__).warning(
+                "metrics.queue_depths_failed", error=type(exc).__name__
+            )
+        await asyncio.sleep(every)
 
 
 def start_metrics_server(port: int, addr: str = "0.0.0.0") -> int:  # noqa: S104 - scraped from outside

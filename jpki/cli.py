@@ -22,3 +22,7 @@ main.add_command(card_cli)
 from workers.ca.cli import ca_cli, ocsp_cli  # noqa: E402, I001
 main.add_command(ca_cli)
 main.add_command(ocsp_cli)
+from workers.gateway.cli import gateway_command  # noqa: E402, I001
+main.add_command(gateway_command)
+from infra.transport.cli import ops  # noqa: E402, I001
+main.add_command(ops)

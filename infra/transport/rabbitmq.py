@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import aio_pika
@@ -340,7 +340,10 @@ class RabbitMQTransport(Transport):
         # Messages taken with basic.get stay unacked and return to the parking lot when
         # the channel closes: listing never consumes.
         async with self._conn().channel() as channel:
-            lot = await channel.get_queue(parking_lot(queue), ensure=True)
+            try:
+                lot = await channel.get_queue(parking_lot(queue), ensure=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                raise TransportError(f"no parking lot for queue {queue!r}") from None
             while len(found) < limit:
                 message = await lot.get(no_ack=False, fail=False)
                 if message is None:
@@ -374,9 +377,10 @@ class RabbitMQTransport(Transport):
         wanted = None if message_ids is None else set(message_ids)
         moved = 0
         async with self._conn().channel(publisher_confirms=True, on_return_raises=True) as channel:
-            lot = await channel.declare_queue(
-                parking_lot(queue), durable=True, arguments={"x-queue-type": "quorum"}
-            )
+            try:
+                lot = await channel.declare_queue(parking_lot(queue), passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                raise TransportError(f"no parking lot for queue {queue!r}") from None
             pending = lot.declaration_result.message_count or 0
             for _ in range(pending):
                 message = await lot.get(no_ack=False, fail=False)
@@ -403,11 +407,18 @@ class RabbitMQTransport(Transport):
         return moved
 
     async def queue_depths(self) -> dict[str, int]:
+        return await self.depths_of(self._declared)
+
+    async def depths_of(self, queues: Iterable[str]) -> dict[str, int]:
+        """Ready messages of the named queues and of their parking lots (operators)."""
         depths: dict[str, int] = {}
         async with self._conn().channel() as channel:
-            for queue in self._declared:
+            for queue in queues:
                 for name in (queue, parking_lot(queue)):
-                    declared = await channel.declare_queue(name, passive=True)
+                    try:
+                        declared = await channel.declare_queue(name, passive=True)
+                    except aiormq.exceptions.ChannelNotFoundEntity:
+                        raise TransportError(f"no queue named {name!r}") from None
                     depths[name] = declared.declaration_result.message_count or 0
         return depths
 

@@ -228,10 +228,11 @@ async def run_gateway(
     mqtt_url: str,
     *,
     name: str | None = None,
+    topic_root: str = TOPIC_ROOT,
     stop: asyncio.Event | None = None,
 ) -> None:
     """Run a gateway until ``stop`` is set (or forever), then stop it cleanly."""
-    gateway = Gateway(transport, mqtt_url, name=name)
+    gateway = Gateway(transport, mqtt_url, name=name, topic_root=topic_root)
     await gateway.start()
     try:
         await (stop or asyncio.Event()).wait()

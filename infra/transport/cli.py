@@ -1,0 +1,179 @@
+"""``jpki ops``: what operators do with queues — see depths, list and replay parked messages.
+
+Other operator commands (sagas, batches) attach to the same ``ops`` group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TypeVar
+
+import click
+import msgspec
+
+from infra.bus import GATEWAY_QUEUE, SERVICE_QUEUES
+from infra.transport.base import Parked, TransportError
+from infra.transport.rabbitmq import RabbitMQTransport
+
+T = TypeVar("T")
+
+
+class _TypeOnly(msgspec.Struct):
+    type: str = "?"
+
+
+_type_decoder = msgspec.json.Decoder(_TypeOnly)
+
+
+def message_type_of(body: bytes) -> str:
+    """The envelope type, or ``?`` for a body that is not an envelope at all."""
+    try:
+        return _type_decoder.decode(body).type
+    except msgspec.DecodeError:
+        return "?"
+
+
+amqp_url_option = click.option(
+    "--amqp-url",
+    envvar="JPKI_AMQP_URL",
+    default="amqp://guest:guest@127.0.0.1:5672/",
+    show_default=True,
+    help="RabbitMQ URL (env JPKI_AMQP_URL)",
+)
+exchange_option = click.option(
+    "--exchange", default="jpki", show_default=True, help="topic exchange of the deployment"
+)
+dlx_option = click.option(
+    "--dead-letter-exchange",
+    default="jpki.dlx",
+    show_default=True,
+    help="dead-letter exchange of the deployment",
+)
+
+
+def _with_transport(
+    amqp_url: str,
+    exchange: str,
+    dead_letter_exchange: str,
+    work: Callable[[RabbitMQTransport], Awaitable[T]],
+) -> T:
+    async def run() -> T:
+        transport = RabbitMQTransport(
+            amqp_url,
+            exchange=exchange,
+            dead_letter_exchange=dead_letter_exchange,
+            connection_name="jpki-ops",
+        )
+        await transport.connect()
+        try:
+            return await work(transport)
+        finally:
+            await transport.close()
+
+    try:
+        return asyncio.run(run())
+    except TransportError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+def ops() -> None:
+    """Operator commands."""
+
+
+@ops.group()
+def parked() -> None:
+    """Messages in a queue's parking lot: why they are there, and sending them back."""
+
+
+def _row(item: Parked) -> dict[str, str]:
+    return {
+        "message_id": item.message_id or "-",
+        "type": message_type_of(item.body),
+        "routing_key": item.routing_key,
+        "parked_at": datetime.fromtimestamp(item.parked_at, UTC).isoformat(timespec="seconds"),
+        "reason": item.reason,
+    }
+
+
+@parked.command("list")
+@click.option("--queue", "-q", required=True, help="the service queue (not its .parking)")
+@click.option("--limit", default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="one JSON object a line")
+@amqp_url_option
+@exchange_option
+@dlx_option
+def list_parked(
+    queue: str,
+    limit: int,
+    as_json: bool,
+    amqp_url: str,
+    exchange: str,
+    dead_letter_exchange: str,
+) -> None:
+    """List parked messages: message id, type, when, and the reason."""
+    items = _with_transport(
+        amqp_url, exchange, dead_letter_exchange, lambda t: t.parked(queue, limit)
+    )
+    rows = [_row(item) for item in items]
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    if not rows:
+        click.echo(f"no parked messages for {queue}")
+        return
+    click.echo("MESSAGE ID                        TYPE                          PARKED AT  REASON")
+    for row in rows:
+        click.echo(f"{row['message_id']:<33} {row['type']:<29} {row['parked_at']} {row['reason']}")
+    click.echo(f"{len(rows)} parked message(s) in {queue}")
+
+
+@parked.command("replay")
+@click.option("--queue", "-q", required=True)
+@click.option("--id", "message_ids", multiple=True, help="replay only these (repeatable)")
+@amqp_url_option
+@exchange_option
+@dlx_option
+def replay_parked(
+    queue: str,
+    message_ids: tuple[str, ...],
+    amqp_url: str,
+    exchange: str,
+    dead_letter_exchange: str,
+) -> None:
+    """Send parked messages back to their queue (all of them, or those given by --id)."""
+    moved = _with_transport(
+        amqp_url,
+        exchange,
+        dead_letter_exchange,
+        lambda t: t.replay_parked(queue, list(message_ids) or None),
+    )
+    click.echo(f"replayed {moved} message(s) to {queue}")
+
+
+@ops.command("queues")
+@click.option("--queue", "-q", "queues", multiple=True, help="default: the service queues")
+@amqp_url_option
+@exchange_option
+@dlx_option
+def queue_depths(
+    queues: tuple[str, ...], amqp_url: str, exchange: str, dead_letter_exchange: str
+) -> None:
+    """Ready messages per queue and per parking lot."""
+    names = list(queues) or [*SERVICE_QUEUES, GATEWAY_QUEUE]
+
+    async def depths(transport: RabbitMQTransport) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for name in names:
+            try:
+                found.update({k: str(v) for k, v in (await transport.depths_of([name])).items()})
+            except TransportError:
+                found[name] = "not declared"
+        return found
+
+    for name, depth in _with_transport(amqp_url, exchange, dead_letter_exchange, depths).items():
+        click.echo(f"{name:<40} {depth}")
