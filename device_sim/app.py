@@ -457,6 +457,19 @@ class UnexpectedInput(JpkiError):
     """An answer to a screen that is not showing: a bug in the caller, never the user's."""
 
 
+DELETED_MARK = "(deleted)"
+GP_DELETE = 0xE4
+
+
+def _deleted_an_applet(script: tsm.SeScript, outcome: ScriptOutcome) -> bool:
+    """Whether a GP DELETE of the script succeeded. SCP03 hides command data, not the header
+    (GP Amd D §6.2.5), and the status word stays in clear: the phone can tell."""
+    return any(
+        len(step.apdu) > 1 and step.apdu[1] == GP_DELETE and response[-2:] == b"\x90\x00"
+        for step, response in zip(script.steps, outcome.responses, strict=False)
+    )
+
+
 # Enough to answer a redelivered script of the saga in progress (one saga runs ~6 scripts).
 SCRIPT_RESULTS_KEPT = 16
 PIN_RULE_OF = {om.CertificateKind.AUTH: jp.AUTH_PIN_RULE, om.CertificateKind.SIGN: jp.SIGN_PIN_RULE}
@@ -490,7 +503,8 @@ class AppCore:
         self.login: Login | None = None
         self.secret_holds: list[SecretHold] = []
         self.screens_shown: list[Screen] = []
-        self.scripts_run: list[str] = []  # SP-TSM operations relayed to the SE, in order
+        # SP-TSM operations relayed to the SE, in order; "(deleted)" marks a DELETE done
+        self.scripts_run: list[str] = []
         self._script_results: OrderedDict[str, tsm.SeScriptResult] = OrderedDict()
 
     # -- bookkeeping ---------------------------------------------------------------------
@@ -602,13 +616,15 @@ class AppCore:
             # At-least-once delivery: a script delivered twice must not run twice (a second
             # GENERATE KEY PAIR would replace the keys); the first answer is sent again.
             return [Send(result, message.envelope.saga_id, message.envelope.message_id)]
-        self.scripts_run.append(script.operation)
         if self.se is None:
             outcome = ScriptOutcome((), completed=False)
         else:
             outcome = self.se.run_script(
                 ScriptCommand(step.apdu, tuple(step.expect)) for step in script.steps
             )
+        self.scripts_run.append(
+            script.operation + (DELETED_MARK if _deleted_an_applet(script, outcome) else "")
+        )
         result = tsm.SeScriptResult(
             script_id=script.script_id,
             responses=list(outcome.responses),

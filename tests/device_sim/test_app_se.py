@@ -343,3 +343,16 @@ async def test_duplicate_script_is_answered_without_running_twice(card, issuers)
     assert phone.link.sent[-1] != b"" and decode(phone.link.sent[-1]).body == decode(first).body
     assert app.core.scripts_run.count("inspect") == 1
     assert phone.se.manager.domains[phone.se.sp_sd_aid].sequence_counter == counter_before
+
+
+async def test_phase_2_clean_up_after_a_reinstall_is_seen_by_the_app(card, issuers):
+    phone = Phone(card)
+    await _issue(phone, issuers)
+    phone.install_app()  # the app reinstalled over the user's own keyed applet
+    app = phone.app
+    async with app._lock:
+        await app._carry_out(app.core.start_issuance())
+    reply = await phone.engine.execute(phone.command(tsm.CleanUpSe, "cleanup"))
+    assert reply.ok and reply.deleted and reply.held_keys
+    assert app.core.scripts_run == ["cleanup(deleted)"]
+    assert not any(a.aid == jpki.AID for a in phone.se.manager.applications.values())

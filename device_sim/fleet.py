@@ -1,0 +1,638 @@
+"""A fleet of simulated phones: people with My Number Cards, phones with secure elements,
+and the UI app on each, run against the back end over MQTT (or the in-process link).
+
+Creating a fleet *manufactures*: every phone gets an SE whose SP-TSM keys are diversified
+from the TSM's master keys (``workers.tsm.provisioning``), every person a My Number Card
+personalised with card certificates from the JPKI CA. Phone profiles (issue 6):
+
+- ``new``: a phone fresh from the shop;
+- ``second_hand``: a previous owner went through issuance on it and sold it after a factory
+  reset, so its SE still holds that stranger's keyed applet;
+- ``reinstalled``: the owner went through issuance, then reinstalled the app, so the SE holds
+  the owner's own keyed applet and the app remembers nothing;
+- ``unsupported``: a model the JPKI applet is not certified for.
+
+The previous issuance of the second two profiles is a real one through the back end, so
+the states their SEs, the TSM registry and the CA are in are the ones the system made.
+
+Network faults (``NetworkFaults``) wrap a phone's link: added latency on every message,
+SP-TSM traffic dropped at random (the saga's SE step retries recover it; app traffic is not
+dropped because no one re-sends what the user typed), and a disconnect in the middle of the
+saga followed by a reconnect with the same persistent session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import enum
+import json
+import random
+import resource
+import string
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from device_sim.app import (
+    AppCore,
+    AppStorage,
+    DeviceInfo,
+    PhoneApp,
+    ScreenId,
+    UserScript,
+    VirtualUser,
+)
+from device_sim.card import (
+    CardCertificateRequest,
+    CardCertificates,
+    CardHolder,
+    MyNumberCard,
+    manufacture_card,
+)
+from device_sim.relying_party import LoginRefused, RelyingParty
+from device_sim.se.element import SecureElement
+from device_sim.se.jpki_applet import JpkiAppletFactory, KeySource, Profile
+from infra.transport.phone_link import DownHandler, PhoneLink
+from orchestrator import messages as om
+from protocol.envelope import Message
+from protocol.errors import JpkiError
+from workers.tsm.keys import MasterKeyRing
+from workers.tsm.provisioning import jpki_load_file, manufacture_secure_element
+
+log = structlog.get_logger(__name__)
+
+
+class PhoneProfile(enum.StrEnum):
+    NEW = "new"
+    SECOND_HAND = "second_hand"
+    REINSTALLED = "reinstalled"
+    UNSUPPORTED = "unsupported"
+
+
+SUPPORTED_MODELS = ("Pixel 9", "Galaxy S25", "Xperia 1 VI", "AQUOS sense9", "arrows We2")
+UNSUPPORTED_MODELS = ("Legacy Phone 3", "Feature Flip 2")
+CERTIFICATE_CHOICES = ("both", "auth", "sign")
+
+
+class FleetConfigError(JpkiError):
+    """A fleet option that does not parse (profile mix, certificate mix, ...)."""
+
+
+def parse_mix(text: str, names: Sequence[str]) -> dict[str, float]:
+    """``"new=70,second_hand=10"`` → weights; names not given get 0."""
+    weights: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if name not in names:
+            raise FleetConfigError(f"unknown name {name!r} in mix (one of {', '.join(names)})")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise FleetConfigError(f"weight of {name!r} is not a number") from None
+        if weights[name] < 0:
+            raise FleetConfigError(f"weight of {name!r} is negative")
+    if not weights or sum(weights.values()) <= 0:
+        raise FleetConfigError("a mix needs at least one positive weight")
+    return weights
+
+
+def spread(weights: Mapping[str, float], n: int) -> list[str]:
+    """Exactly ``n`` names in the given proportions (largest remainders), in a fixed order."""
+    total = sum(weights.values())
+    exact = {name: n * w / total for name, w in weights.items()}
+    counts = {name: int(v) for name, v in exact.items()}
+    for name in sorted(exact, key=lambda k: exact[k] - counts[k], reverse=True)[
+        : n - sum(counts.values())
+    ]:
+        counts[name] += 1
+    return [name for name in weights for _ in range(counts[name])]
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkFaults:
+    latency_s: float = 0.0  # added to every message, each way
+    drop_rate: float = 0.0  # probability of losing an SP-TSM script or its result
+    disconnect_rate: float = 0.0  # share of phones that lose their link mid-saga
+    reconnect_after_s: float = 0.5
+
+    @property
+    def any(self) -> bool:
+        return bool(self.latency_s or self.drop_rate or self.disconnect_rate)
+
+
+@dataclass(frozen=True, slots=True)
+class FleetConfig:
+    phones: int
+    profile_mix: Mapping[str, float] = field(default_factory=lambda: {PhoneProfile.NEW.value: 1.0})
+    certificate_mix: Mapping[str, float] = field(default_factory=lambda: {"both": 1.0})
+    pin_option_mix: Mapping[str, float] = field(default_factory=lambda: {"4": 1.0})
+    typo_rate: float = 0.0  # share of users who slip once on the card password and a PIN
+    faults: NetworkFaults = NetworkFaults()
+    seed: int = 1
+    device_prefix: str = "phone"
+    saga_timeout_s: float = 120.0
+
+
+# ---------------------------------------------------------------------------------------
+# People and their cards
+
+
+@dataclass(eq=False)
+class Person:
+    person_id: str
+    holder: CardHolder
+    card: MyNumberCard = field(repr=False)
+    card_password: str = field(repr=False)
+    auth_pin: str = field(repr=False)
+    signing_password: str = field(repr=False)
+
+    def script(self, certificates: str, pin_option: om.PinOption, typos: bool) -> UserScript:
+        slips = frozenset({ScreenId.CARD_PASSWORD, ScreenId.SET_AUTH_PIN}) if typos else frozenset()
+        return UserScript(
+            card_password=self.card_password,
+            auth_pin=self.auth_pin,
+            signing_password=self.signing_password,
+            certificates=certificates,
+            pin_option=pin_option,
+            typos=slips,
+        )
+
+
+CardIssuerFactory = Callable[[str], Callable[[CardCertificateRequest], CardCertificates]]
+
+PREFECTURES = (
+    ("東京都", "千代田区"),
+    ("大阪府", "大阪市"),
+    ("北海道", "札幌市"),
+    ("福岡県", "福岡市"),
+)
+
+
+def _random_text(rng: random.Random, alphabet: str, length: int) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(length))
+
+
+def make_person(
+    index: int,
+    rng: random.Random,
+    issuer_for: CardIssuerFactory,
+    key_source: KeySource,
+) -> Person:
+    """A person with a personalised My Number Card; the card's PINs and the phone PINs
+    they will choose are theirs alone (random per person)."""
+    prefecture, city = PREFECTURES[index % len(PREFECTURES)]
+    holder = CardHolder(
+        name=f"試験 利用者{index}",
+        date_of_birth=dt.date(
+            1950 + rng.randrange(55), 1 + rng.randrange(12), 1 + rng.randrange(28)
+        ),
+        sex=rng.choice("12"),
+        address=f"{prefecture}{city}1-{index}",
+        prefecture=prefecture,
+        city=city,
+    )
+    person_id = f"person-{index:06d}-{rng.getrandbits(32):08x}"
+    upper_digits = string.ascii_uppercase + string.digits
+    card_password = _random_text(rng, upper_digits, 8)
+    card = manufacture_card(
+        holder,
+        issuer_for(person_id),
+        auth_pin=_random_text(rng, string.digits, 4),
+        sign_password=card_password,
+        key_source=key_source,
+        random_bytes=rng.randbytes,
+    )
+    return Person(
+        person_id=person_id,
+        holder=holder,
+        card=card,
+        card_password=card_password,
+        auth_pin=_random_text(rng, string.digits, 4),
+        signing_password=_random_text(rng, upper_digits, 10),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Phones
+
+
+@dataclass(slots=True)
+class PhoneResult:
+    """How one phone's run ended: what a fleet report lists per phone."""
+
+    device_id: str
+    profile: str
+    model: str
+    certificates: str
+    pin_option: int
+    outcome: str = "not_run"
+    phase: int = 1
+    reason: str | None = None
+    login: str = "n/a"  # "ok", "refused:<reason>", "n/a" (no auth certificate) or "failed"
+    prior_outcome: str | None = None  # second-hand / reinstalled: the earlier issuance
+    scripts: list[str] = field(default_factory=list)  # SP-TSM operations on the SE, in order
+    screens: int = 0
+    user_actions: int = 0
+    longest_secret_hold_s: float = 0.0
+    latency_s: float | None = None
+    disconnects: int = 0
+
+
+@dataclass(eq=False)
+class Phone:
+    device_id: str
+    profile: PhoneProfile
+    device: DeviceInfo
+    se: SecureElement = field(repr=False)
+    owner: Person
+    previous_owner: Person | None
+    certificates: str
+    pin_option: om.PinOption
+    typos: bool
+    app: PhoneApp | None = field(default=None, repr=False)
+    storage: AppStorage | None = None
+    result: PhoneResult | None = None
+
+    @property
+    def se_identity(self) -> om.SeIdentity:
+        identity = self.se.identity
+        return om.SeIdentity(cin=identity.cin.hex().upper(), kdd=identity.kdd.hex().upper())
+
+    def install_app(
+        self, person: Person, link: PhoneLink, *, certificates: str | None = None
+    ) -> PhoneApp:
+        """Install the app from scratch (first install, reinstall, or after a factory reset):
+        its storage starts empty; the SE keeps whatever it holds."""
+        core = AppCore(self.device, self.se, self.se_identity)
+        script = person.script(certificates or self.certificates, self.pin_option, self.typos)
+        self.app = PhoneApp(core, VirtualUser(script, person.card), link)
+        return self.app
+
+    async def deliver(self, message: Message) -> None:
+        if self.app is not None:
+            await self.app.deliver(message)
+
+
+# ---------------------------------------------------------------------------------------
+# Network faults around a phone's link
+
+LinkFactory = Callable[[str], PhoneLink]
+
+
+class FaultyLink(PhoneLink):
+    """A phone link with latency, dropped SP-TSM traffic and one planned disconnect."""
+
+    def __init__(
+        self, make_link: LinkFactory, device_id: str, faults: NetworkFaults, rng: random.Random
+    ) -> None:
+        self.device_id = device_id
+        self._make_link = make_link
+        self._faults = faults
+        self._rng = rng
+        self._inner: PhoneLink | None = None
+        self._handler: DownHandler | None = None
+        self._up = asyncio.Event()
+        self._disconnect_after: int | None = None  # down messages until the disconnect
+        self._bounce: asyncio.Task[None] | None = None
+        self.dropped = 0
+        self.disconnects = 0
+
+    def arm_disconnect(self) -> None:
+        """Lose the link after the 2nd to 4th message of the saga about to start."""
+        if self._rng.random() < self._faults.disconnect_rate:
+            self._disconnect_after = self._rng.randint(2, 4)
+
+    async def start(self, on_message: DownHandler) -> None:
+        self._handler = on_message
+        self._inner = self._make_link(self.device_id)
+        await self._inner.start(self._on_down)
+        self._up.set()
+
+    def _drop(self, message: Message) -> bool:
+        if message.envelope.type.startswith(("se.cmd.", "se.result.")) and (
+            self._rng.random() < self._faults.drop_rate
+        ):
+            self.dropped += 1
+            log.info("fleet.message_dropped", device_id=self.device_id, type=message.envelope.type)
+            return True
+        return False
+
+    async def _on_down(self, message: Message) -> None:
+        if self._faults.latency_s:
+            await asyncio.sleep(self._faults.latency_s)
+        if self._drop(message) or self._handler is None:
+            return
+        await self._handler(message)
+        if self._disconnect_after is not None:
+            self._disconnect_after -= 1
+            if self._disconnect_after <= 0:
+                self._disconnect_after = None
+                # Not from inside the link's own receive task: let it acknowledge first.
+                self._bounce = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        await asyncio.sleep(0.01)
+        self._up.clear()
+        if self._inner is not None:
+            await self._inner.close()
+        self.disconnects += 1
+        log.info("fleet.disconnected", device_id=self.device_id)
+        await asyncio.sleep(self._faults.reconnect_after_s)
+        self._inner = self._make_link(self.device_id)
+        await self._inner.start(self._on_down)
+        self._up.set()
+        log.info("fleet.reconnected", device_id=self.device_id)
+
+    async def send(self, message: Message) -> None:
+        if self._faults.latency_s:
+            await asyncio.sleep(self._faults.latency_s)
+        if self._drop(message):
+            return
+        await self._up.wait()
+        if self._inner is None:
+            raise JpkiError("link closed")
+        await self._inner.send(message)
+
+    async def close(self) -> None:
+        if self._bounce is not None:
+            await asyncio.gather(self._bounce, return_exceptions=True)
+        self._up.clear()
+        if self._inner is not None:
+            await self._inner.close()
+            self._inner = None
+
+
+# ---------------------------------------------------------------------------------------
+# The fleet
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    phones: int
+    outcomes: dict[str, int]
+    by_profile: dict[str, dict[str, int]]
+    logins: dict[str, int]
+    certificates_issued: int
+    latency_p50_s: float | None
+    latency_p95_s: float | None
+    wall_s: float
+    issuances_per_s: float
+    certificates_per_s: float
+    max_rss_mib: float
+    failures: list[dict[str, Any]]
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def max_rss_mib() -> float:
+    """Peak resident set of this process (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def current_rss_mib() -> float:
+    try:
+        with open("/proc/self/statm") as statm:
+            pages = int(statm.read().split()[1])
+    except OSError:
+        return max_rss_mib()
+    return pages * resource.getpagesize() / (1024 * 1024)
+
+
+class Fleet:
+    """Phones and people, manufactured; ``run`` takes every phone through issuance."""
+
+    def __init__(self, config: FleetConfig, phones: list[Phone]) -> None:
+        self.config = config
+        self.phones = phones
+        self.results: list[PhoneResult] = []
+        self.wall_s = 0.0
+
+    @classmethod
+    def manufacture(
+        cls,
+        config: FleetConfig,
+        keys: MasterKeyRing,
+        issuer_for: CardIssuerFactory,
+        *,
+        se_key_source: KeySource,
+        card_key_source: KeySource,
+    ) -> Fleet:
+        rng = random.Random(config.seed)
+        profiles = spread(config.profile_mix, config.phones)
+        certificates = spread(config.certificate_mix, config.phones)
+        pin_options = spread(config.pin_option_mix, config.phones)
+        # Deterministic but not in blocks: shuffle each assignment with the seed.
+        for assignment in (profiles, certificates, pin_options):
+            rng.shuffle(assignment)
+        factory = JpkiAppletFactory(Profile.PHONE, se_key_source)
+        phones: list[Phone] = []
+        for index in range(config.phones):
+            profile = PhoneProfile(profiles[index])
+            device_id = f"{config.device_prefix}-{index:05d}"
+            cin = (config.seed.to_bytes(4, "big") + index.to_bytes(6, "big"))[-10:]
+            se = manufacture_secure_element(keys, cin, factory, random=rng.randbytes)
+            model = rng.choice(
+                UNSUPPORTED_MODELS if profile is PhoneProfile.UNSUPPORTED else SUPPORTED_MODELS
+            )
+            owner = make_person(2 * index, rng, issuer_for, card_key_source)
+            previous = (
+                make_person(2 * index + 1, rng, issuer_for, card_key_source)
+                if profile is PhoneProfile.SECOND_HAND
+                else None
+            )
+            phones.append(
+                Phone(
+                    device_id=device_id,
+                    profile=profile,
+                    device=DeviceInfo(
+                        device_id, model, "Android", str(rng.choice((13, 14, 15))), True
+                    ),
+                    se=se,
+                    owner=owner,
+                    previous_owner=previous,
+                    certificates=certificates[index],
+                    pin_option=om.PinOption(int(pin_options[index])),
+                    typos=rng.random() < config.typo_rate,
+                )
+            )
+        log.info("fleet.manufactured", phones=len(phones), rss_mib=round(current_rss_mib(), 1))
+        return cls(config, phones)
+
+    @classmethod
+    def restore_se(cls, path: Path, key_source: KeySource) -> SecureElement:
+        return SecureElement.load(
+            path, [jpki_load_file(JpkiAppletFactory(Profile.PHONE, key_source))]
+        )
+
+    async def run(
+        self,
+        make_link: LinkFactory,
+        *,
+        relying_party: RelyingParty | None = None,
+        concurrency: int | None = None,
+        on_result: Callable[[PhoneResult], None] | None = None,
+    ) -> list[PhoneResult]:
+        """Every phone through its profile's story, at most ``concurrency`` at a time."""
+        gate = asyncio.Semaphore(concurrency or len(self.phones) or 1)
+        rng = random.Random(self.config.seed + 1)
+
+        async def one(phone: Phone) -> PhoneResult:
+            async with gate:
+                result = await run_phone(
+                    phone, make_link, self.config, random.Random(rng.random()), relying_party
+                )
+            if on_result is not None:
+                on_result(result)
+            return result
+
+        started = time.monotonic()
+        self.results = list(await asyncio.gather(*(one(phone) for phone in self.phones)))
+        self.wall_s = time.monotonic() - started
+        return self.results
+
+    def summary(self) -> Summary:
+        outcomes: dict[str, int] = {}
+        by_profile: dict[str, dict[str, int]] = {}
+        logins: dict[str, int] = {}
+        for r in self.results:
+            outcomes[r.outcome] = outcomes.get(r.outcome, 0) + 1
+            per = by_profile.setdefault(r.profile, {})
+            per[r.outcome] = per.get(r.outcome, 0) + 1
+            logins[r.login] = logins.get(r.login, 0) + 1
+        issued = [r for r in self.results if r.outcome == om.Outcome.ISSUED.value]
+        certificates = sum(2 if r.certificates == "both" else 1 for r in issued)
+        latencies = [r.latency_s for r in issued if r.latency_s is not None]
+        wall = self.wall_s or 1e-9
+        return Summary(
+            phones=len(self.results),
+            outcomes=outcomes,
+            by_profile=by_profile,
+            logins=logins,
+            certificates_issued=certificates,
+            latency_p50_s=percentile(latencies, 0.50),
+            latency_p95_s=percentile(latencies, 0.95),
+            wall_s=round(self.wall_s, 3),
+            issuances_per_s=round(len(issued) / wall, 2),
+            certificates_per_s=round(certificates / wall, 2),
+            max_rss_mib=round(max_rss_mib(), 1),
+            failures=[
+                {
+                    "device_id": r.device_id,
+                    "profile": r.profile,
+                    "outcome": r.outcome,
+                    "reason": r.reason,
+                }
+                for r in self.results
+                if r.outcome != om.Outcome.ISSUED.value
+            ],
+        )
+
+    def report(self) -> dict[str, Any]:
+        return {"summary": asdict(self.summary()), "phones": [asdict(r) for r in self.results]}
+
+    def save(self, data_dir: Path) -> None:
+        """Each phone's SE and app storage, for inspection after the run (``jpki audit``)."""
+        root = data_dir / "phones"
+        root.mkdir(parents=True, exist_ok=True)
+        for phone in self.phones:
+            phone.se.save(root / f"{phone.device_id}.se.json")
+            if phone.app is not None:
+                app_state = {**phone.app.core.storage.to_state(), "profile": phone.profile.value}
+                (root / f"{phone.device_id}.app.json").write_text(json.dumps(app_state))
+
+
+async def run_phone(
+    phone: Phone,
+    make_link: LinkFactory,
+    config: FleetConfig,
+    rng: random.Random,
+    relying_party: RelyingParty | None,
+) -> PhoneResult:
+    """One phone's story: (an earlier issuance,) issuance, then a login in phase 4."""
+    result = PhoneResult(
+        device_id=phone.device_id,
+        profile=phone.profile.value,
+        model=phone.device.model,
+        certificates=phone.certificates,
+        pin_option=int(phone.pin_option),
+    )
+    phone.result = result
+    faulty = (
+        FaultyLink(make_link, phone.device_id, config.faults, rng) if config.faults.any else None
+    )
+    link: PhoneLink = faulty or make_link(phone.device_id)
+    try:
+        await link.start(phone.deliver)
+        if phone.profile in (PhoneProfile.SECOND_HAND, PhoneProfile.REINSTALLED):
+            # The earlier life of the phone: someone reached phase 4 on it, then the app
+            # went away (factory reset before the sale, or an uninstall) and the SE stayed.
+            earlier = phone.previous_owner or phone.owner
+            earlier_app = phone.install_app(earlier, link, certificates="both")
+            prior = await asyncio.wait_for(earlier_app.apply(), config.saga_timeout_s)
+            result.prior_outcome = prior.outcome
+        app = phone.install_app(phone.owner, link)
+        if faulty is not None:
+            faulty.arm_disconnect()
+        started = time.monotonic()
+        finished = await asyncio.wait_for(app.apply(), config.saga_timeout_s)
+        result.latency_s = round(time.monotonic() - started, 4)
+        result.outcome, result.phase, result.reason = (
+            finished.outcome,
+            finished.phase,
+            finished.reason,
+        )
+        if finished.outcome == om.Outcome.ISSUED.value and phone.certificates in ("both", "auth"):
+            result.login = await log_in(app, relying_party) if relying_party else "not_tried"
+    except TimeoutError:
+        result.outcome, result.reason = "timeout", "no result from the back end in time"
+    except JpkiError as exc:
+        result.outcome, result.reason = "error", type(exc).__name__
+    finally:
+        await link.close()
+    if phone.app is not None:
+        core = phone.app.core
+        result.scripts = list(core.scripts_run)
+        result.screens = len(core.screens_shown)
+        result.user_actions = phone.app.user.actions
+        result.longest_secret_hold_s = round(
+            max((h.held_s for h in core.secret_holds), default=0.0), 6
+        )
+    if faulty is not None:
+        result.disconnects = faulty.disconnects
+    log.info(
+        "fleet.phone_done",
+        device_id=phone.device_id,
+        profile=result.profile,
+        outcome=result.outcome,
+        reason=result.reason,
+        login=result.login,
+    )
+    return result
+
+
+async def log_in(app: PhoneApp, relying_party: RelyingParty) -> str:
+    """Phase 4: the relying party's challenge, signed on the SE after the auth PIN."""
+    challenge = relying_party.challenge()
+    signed = await app.log_in("relying party", challenge.challenge_id, challenge.nonce)
+    if signed is None:
+        return "failed"
+    try:
+        await relying_party.login(
+            challenge.challenge_id, challenge.nonce, signed.certificate, signed.signature
+        )
+    except LoginRefused as refused:
+        return f"refused:{refused.reason.value}"
+    return "ok"
