@@ -39,7 +39,11 @@ from orchestrator.saga import Flow, Retry, StepContext
 from orchestrator.saga.machine import COMPLETED
 from protocol.envelope import Message
 from protocol.errors import JpkiError
+from workers.ca import application as ca_app
 from workers.ca import messages as ca
+from workers.ca.profiles import CertType
+from workers.ca.revocation import Cause
+from workers.ca.state_check import Branch
 from workers.tsm import messages as tsm
 
 FLOW_NAME = "issuance.new"
@@ -235,22 +239,8 @@ def s03_clean_up(data: IssuanceData, ctx: StepContext) -> tsm.CleanUpSe:
 
 @s03_clean_up.done
 def _(data: IssuanceData, reply: tsm.CleanUpSeReply) -> None:
-    if reply.held_keys:
+    if reply.held_keys:  # whose: decided after step 6, when the applicant is proven
         data.cleaned_owner = reply.owner_reference or ""
-
-
-@issuance.command(
-    reply=ca.ChangeStatusReply, timeout=CA_TIMEOUT, retry=CA_RETRY,
-    when=lambda d: d.cleaned_owner is not None,
-)
-def s03_revoke_cleaned_keys(data: IssuanceData, ctx: StepContext) -> ca.ChangeStatus:
-    """3. The keys deleted with the applet are gone for good: the CA revokes whatever
-    certificate was bound to them on this SE (someone else's, or the user's own — §3's
-    "active on this SE" row then finds nothing left to revoke)."""
-    return ca.ChangeStatus(
-        command_id=_key(ctx), target=ca.Status.REVOKED, cause=ca.Cause.FOREIGN_APPLET,
-        se_cin=_se(data).cin,
-    )
 
 
 @issuance.command(reply=tsm.InstallAppletReply, timeout=SE_TIMEOUT, retry=SE_RETRY)
@@ -302,31 +292,32 @@ def _(data: IssuanceData, answer: CardSignature) -> None:
     data.card_certificate = answer.card_certificate
 
 
-@issuance.command(reply=ca.VerifyApplicationReply, timeout=CA_TIMEOUT, retry=CA_RETRY)
+@issuance.command(reply=ca.ApplicationVerified, timeout=CA_TIMEOUT, retry=CA_RETRY)
 def s06_verify(data: IssuanceData, ctx: StepContext) -> ca.VerifyApplication:
     """6. Card signature, card certificate chain, validity, revocation, nonce, SE."""
+    se = _se(data)
     return ca.VerifyApplication(
-        command_id=_key(ctx), expected_nonce=data.nonce or b"", expected_se=_se(data),
-        to_be_signed=data.to_be_signed or b"", signature=data.card_signature or b"",
-        card_certificate=data.card_certificate or b"",
+        command_id=_key(ctx), se=ca_app.SeIdentity(cin=se.cin, kdd=se.kdd),
+        nonce=data.nonce or b"", to_be_signed=data.to_be_signed or b"",
+        signature=data.card_signature or b"", card_certificate=data.card_certificate or b"",
     )
 
 
 @s06_verify.done
-def _(data: IssuanceData, reply: ca.VerifyApplicationReply) -> None:
+def _(data: IssuanceData, reply: ca.ApplicationVerified) -> None:
     data.person_id = reply.person_id
     data.card_certificate = None  # verified and recorded by the CA; no need to keep it
 
 
-@issuance.command(reply=ca.StateCheckReply, timeout=CA_TIMEOUT, retry=CA_RETRY)
-def s07_state_check(data: IssuanceData, ctx: StepContext) -> ca.StateCheck:
+@issuance.command(reply=ca.StateCheckResult, timeout=CA_TIMEOUT, retry=CA_RETRY)
+def s07_state_check(data: IssuanceData, ctx: StepContext) -> ca.StateCheckRequest:
     """7. Supplement ①: the person's existing phone certificates decide the branch (§3)."""
-    return ca.StateCheck(command_id=_key(ctx))
+    return ca.StateCheckRequest(command_id=_key(ctx))
 
 
 @s07_state_check.done
-def _(data: IssuanceData, reply: ca.StateCheckReply) -> None:
-    data.branch = reply.branch
+def _(data: IssuanceData, reply: ca.StateCheckResult) -> None:
+    data.branch = reply.branch.value if reply.branch is not None else None
     data.revoke_now = list(reply.revoke_now)
     data.release = list(reply.release)
     data.revoke_after_success = list(reply.revoke_after_success)
@@ -336,21 +327,36 @@ def _(data: IssuanceData, reply: ca.StateCheckReply) -> None:
 @issuance.local
 def s07_branch(data: IssuanceData) -> None:
     """7. §3 "card certificate revoked or expired": refuse, the card must be renewed."""
-    if data.branch == ca.Branch.RENEW_CARD_FIRST:
+    if data.branch == Branch.RENEW_CARD_FIRST:
         data.refusal = Reason.CARD_CERTIFICATE_REVOKED
         raise RenewCardFirst("renew the card first")
 
 
 @issuance.command(
-    reply=ca.ChangeStatusReply, timeout=CA_TIMEOUT, retry=CA_RETRY,
+    reply=ca.RevokeDone, timeout=CA_TIMEOUT, retry=CA_RETRY,
     when=lambda d: bool(d.revoke_now or d.release),
 )
-def s07_revoke_on_this_se(data: IssuanceData, ctx: StepContext) -> ca.ChangeStatus:
-    """7. Certificates of this person still on this SE lost their keys in step 3 (app
-    reinstalled, or a found phone whose applet was cleaned): revoke them, issue anew."""
-    return ca.ChangeStatus(
-        command_id=_key(ctx), target=ca.Status.REVOKED, cause=ca.Cause.REISSUE,
-        serials=sorted(set(data.revoke_now) | set(data.release)),
+def s07_revoke_own_on_this_se(data: IssuanceData, ctx: StepContext) -> ca.Revoke:
+    """7. This person's certificates on this SE lost their keys in step 3 (app reinstalled,
+    or a found phone whose applet was cleaned): §3 says revoke them and issue anew."""
+    return ca.Revoke(
+        command_id=_key(ctx), cause=Cause.REISSUE,
+        selection=ca.Selection(serials=sorted(set(data.revoke_now) | set(data.release))),
+    )
+
+
+@issuance.command(
+    reply=ca.RevokeDone, timeout=CA_TIMEOUT, retry=CA_RETRY,
+    when=lambda d: d.cleaned_owner is not None and d.cleaned_owner != d.person_id,
+)
+def s07_revoke_foreign_on_this_se(data: IssuanceData, ctx: StepContext) -> ca.Revoke:
+    """3 (told to the CA once the card has proved who is applying). The applet deleted in
+    step 3 held someone else's keys (a second-hand phone): whatever is still live on this
+    SE is theirs and keyless now. Waiting for step 6 means an unproven enrolment can never
+    make the CA revoke anything."""
+    return ca.Revoke(
+        command_id=_key(ctx), cause=Cause.FOREIGN_APPLET,
+        selection=ca.Selection(se_cin=_se(data).cin),
     )
 
 
@@ -376,20 +382,21 @@ def _(data: IssuanceData, ctx: StepContext) -> tsm.WipeApplet:
     )
 
 
-@issuance.command(reply=ca.IssueReply, timeout=CA_TIMEOUT, retry=CA_RETRY)
-def s09_issue(data: IssuanceData, ctx: StepContext) -> ca.Issue:
+@issuance.command(reply=ca.CertificatesIssued, timeout=CA_TIMEOUT, retry=CA_RETRY)
+def s09_issue(data: IssuanceData, ctx: StepContext) -> ca.IssueCertificates:
     """9. The certificate(s), profile per DOMAIN.md §2, expiring with the card's."""
-    return ca.Issue(
+    return ca.IssueCertificates(
         command_id=_key(ctx),
-        keys=[
-            ca.KeyToCertify(kind=k.kind, public_key_der=k.public_key_der, proof=k.proof)
+        public_keys=[
+            ca.PublicKeyProof(kind=CertType(k.kind.value), public_key_der=k.public_key_der,
+                              challenge=k.challenge, proof=k.proof)
             for k in data.public_keys
         ],
     )
 
 
 @s09_issue.done
-def _(data: IssuanceData, reply: ca.IssueReply) -> None:
+def _(data: IssuanceData, reply: ca.CertificatesIssued) -> None:
     data.issued = [
         IssuedCert(kind=CertificateKind(c.kind), serial=c.serial, certificate=c.certificate,
                    ca_certificate=c.ca_certificate)
@@ -398,11 +405,13 @@ def _(data: IssuanceData, reply: ca.IssueReply) -> None:
 
 
 @s09_issue.undo(timeout=CA_TIMEOUT)
-def _(data: IssuanceData, ctx: StepContext) -> ca.ChangeStatus:
-    # Revokes by saga: covers a reply lost after the CA issued (``issued`` still empty here).
-    return ca.ChangeStatus(
-        command_id=_key(ctx, undo=True), target=ca.Status.REVOKED,
-        cause=ca.Cause.COMPENSATION, saga_id=data.application_id,
+def _(data: IssuanceData, ctx: StepContext) -> ca.Revoke:
+    # By SE, not by the serials we know: a reply lost after the CA issued leaves ``issued``
+    # empty here. Step 7 revoked everything else live on this SE, so only ours remain.
+    return ca.Revoke(
+        command_id=_key(ctx, undo=True), cause=Cause.COMPENSATION,
+        selection=ca.Selection(se_cin=_se(data).cin,
+                               kinds=[CertType(k.value) for k in data.certificates]),
     )
 
 
@@ -451,20 +460,20 @@ def s12_all_pins_set(data: IssuanceData) -> None:
 
 
 @issuance.command(
-    reply=ca.ChangeStatusReply, timeout=CA_TIMEOUT, retry=CA_RETRY,
+    reply=ca.RevokeDone, timeout=CA_TIMEOUT, retry=CA_RETRY,
     when=lambda d: bool(d.revoke_after_success),
 )
-def s13_activate_retire_old_phone(data: IssuanceData, ctx: StepContext) -> ca.ChangeStatus:
+def s13_activate_retire_old_phone(data: IssuanceData, ctx: StepContext) -> ca.Revoke:
     """13. Phase 4. Model change: one phone per person, so the old phone's certificates are
     revoked now; its applet is deleted when it is next online (``old_se`` records which)."""
-    return ca.ChangeStatus(
-        command_id=_key(ctx), target=ca.Status.REVOKED, cause=ca.Cause.MODEL_CHANGE,
-        serials=data.revoke_after_success,
+    return ca.Revoke(
+        command_id=_key(ctx), cause=Cause.MODEL_CHANGE,
+        selection=ca.Selection(serials=data.revoke_after_success),
     )
 
 
 @s13_activate_retire_old_phone.done
-def _(data: IssuanceData, reply: ca.ChangeStatusReply) -> None:
+def _(data: IssuanceData, reply: ca.RevokeDone) -> None:
     data.retired = sorted(set(data.revoke_after_success))
 
 
