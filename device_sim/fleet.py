@@ -62,6 +62,9 @@ from infra.transport.phone_link import DownHandler, PhoneLink
 from orchestrator import messages as om
 from protocol.envelope import Message
 from protocol.errors import JpkiError
+from workers.ca.authority import CertificateAuthority, PendingCardCertificates
+from workers.ca.authority import Person as CaPerson
+from workers.ca.profiles import BasicFacts, Sex
 from workers.tsm.keys import MasterKeyRing
 from workers.tsm.provisioning import jpki_load_file, manufacture_secure_element
 
@@ -165,6 +168,51 @@ class Person:
 
 
 CardIssuerFactory = Callable[[str], Callable[[CardCertificateRequest], CardCertificates]]
+
+# A card is valid for ten years from issue (J-LIS); its certificates stop at the 5th birthday.
+CARD_LIFETIME = dt.timedelta(days=3652)
+
+
+class CaCardFactory:
+    """The card factory's line to the JPKI CA: signs card certificates while a card is being
+    personalised (synchronously, as the card's issuer callback must), and records them with
+    the CA afterwards, so that the CA knows every card it will verify."""
+
+    def __init__(self, authority: CertificateAuthority) -> None:
+        self._authority = authority
+        self._pending: list[PendingCardCertificates] = []
+
+    def issuer_for(self, person_id: str) -> Callable[[CardCertificateRequest], CardCertificates]:
+        def issue(request: CardCertificateRequest) -> CardCertificates:
+            holder = request.holder
+            person = CaPerson(
+                person_id,
+                BasicFacts(holder.name, holder.date_of_birth, Sex(holder.sex), holder.address),
+                holder.prefecture,
+                holder.city,
+            )
+            pending = self._authority.build_card_certificates(
+                person,
+                request.auth_public_key,
+                request.sign_public_key,
+                card_expiry=dt.datetime.now(dt.UTC) + CARD_LIFETIME,
+            )
+            self._pending.append(pending)
+            return CardCertificates(
+                auth_certificate=pending.auth.der,
+                auth_ca_certificate=pending.auth.ca_der,
+                sign_certificate=pending.sign.der,
+                sign_ca_certificate=pending.sign.ca_der,
+            )
+
+        return issue
+
+    async def record(self) -> int:
+        pending, self._pending = self._pending, []
+        for certificates in pending:
+            await self._authority.record_card_certificates(certificates)
+        return len(pending)
+
 
 PREFECTURES = (
     ("東京都", "千代田区"),
