@@ -30,7 +30,12 @@ from protocol.errors import (
 )
 from protocol.scp03.channel import MessagingCore
 from protocol.scp03.keys import (
+    I_PSEUDO_RANDOM_CHALLENGE,
+    I_R_ENC,
+    I_R_MAC,
+    I_S16,
     S8,
+    S16,
     InitializeUpdateResponse,
     SecurityLevel,
     SessionKeys,
@@ -161,9 +166,9 @@ class AuthenticatedHost:
         if self._core is not None:
             raise SecureChannelClosed("EXTERNAL AUTHENTICATE was already built")
         level = parse_security_level(level)
-        if level & SecurityLevel.R_MAC and not self.info.i_parameter & 0x20:
+        if level & SecurityLevel.R_MAC and not self.info.i_parameter & I_R_MAC:
             raise SecureChannelError("card does not support R-MAC (i parameter)")
-        if level & SecurityLevel.R_ENCRYPTION and not self.info.i_parameter & 0x40:
+        if level & SecurityLevel.R_ENCRYPTION and not self.info.i_parameter & I_R_ENC:
             raise SecureChannelError("card does not support R-ENC (i parameter)")
         s_mode = self.info.s_mode
         cryptogram = self._session.host_cryptogram(self._host_challenge, self.info.card_challenge)
@@ -249,7 +254,7 @@ class OfflineHostSession(AuthenticatedHost):
         info = InitializeUpdateResponse(
             key_diversification_data=key_diversification_data or bytes(10),
             key_version=key_version,
-            i_parameter=i_parameter | 0x10 | (0x01 if s_mode == 16 else 0),
+            i_parameter=i_parameter | I_PSEUDO_RANDOM_CHALLENGE | (I_S16 if s_mode == S16 else 0),
             card_challenge=card_challenge,
             card_cryptogram=session.card_cryptogram(challenge, card_challenge),
             sequence_counter=sequence_counter,
@@ -287,6 +292,13 @@ class OfflineHostSession(AuthenticatedHost):
         if (self._expected_kdd is not None
                 and actual.key_diversification_data != self._expected_kdd):
             raise SecureChannelError("key diversification data is not this SE's")
+        # The i bits this session relies on: the S mode, and R-MAC / R-ENC if the level uses them.
+        i = actual.i_parameter
+        level = self.security_level or SecurityLevel.NONE
+        if (bool(i & I_S16) != (predicted.s_mode == S16)
+                or (level & SecurityLevel.R_MAC and not i & I_R_MAC)
+                or (level & SecurityLevel.R_ENCRYPTION and not i & I_R_ENC)):
+            raise SecureChannelError(f"i parameter {i:02X} does not fit this session")
         # Both are public values, but compare in constant time all the same.
         if not compare_digest(actual.card_challenge, predicted.card_challenge):
             raise CryptogramMismatch("card challenge differs from the prediction")
