@@ -22,11 +22,34 @@ Invariants (each violation names one):
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import hashlib
 import json
+import sys
+import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from sqlalchemy import select
+
+from device_sim.se.card_manager import CardLifeCycle
+from device_sim.se.element import SecureElement
+from device_sim.se.jpki_applet import GeneratedKeys, JpkiApplet, JpkiAppletFactory, Profile
+from infra.db.database import Database
+from orchestrator.saga import Flow
+from orchestrator.saga.tables import sagas
+from protocol import jpki
+from workers.ca import tables as ca_tables
+from workers.tsm import registry as tsm_registry
+from workers.tsm.provisioning import jpki_load_file
 
 
 class Invariant(enum.StrEnum):
@@ -249,3 +272,154 @@ def exit_code(violations: Sequence[Violation]) -> int:
 def dump_json(violations: Sequence[Violation], counts: dict[str, int]) -> str:
     return json.dumps({"counts": counts, "violations": [v.to_json() for v in violations]},
                       indent=2)
+
+
+# -- loaders: each store into facts -----------------------------------------------------------
+
+
+async def load_sagas(db: Database, flows: Sequence[Flow[Any]]) -> list[SagaFact]:
+    deadlines = {f.name: f.deadline for f in flows}
+    async with db.transaction() as conn:
+        rows = (await conn.execute(select(sagas))).all()
+    facts = []
+    for row in rows:
+        data = json.loads(row.data)
+        deadline = deadlines.get(row.flow)
+        se = data.get("se") if isinstance(data, dict) else None
+        facts.append(SagaFact(
+            saga_id=row.saga_id,
+            flow=row.flow,
+            status=row.status,
+            paused=bool(row.paused),
+            deadline_at=row.created_at + deadline if deadline is not None else None,
+            se_cin=se.get("cin") if isinstance(se, dict) else None,
+            issued=tuple(c["serial"] for c in data.get("issued", ())),
+            pending_applet_deletions=(
+                tuple(data.get("old_se", ())) if row.status == "completed" else ()
+            ),
+        ))
+    return facts
+
+
+async def load_certificates(db: Database, *, now: datetime) -> list[CertificateFact]:
+    query = select(ca_tables.certificates).where(ca_tables.certificates.c.holder == "phone")
+    async with db.transaction() as conn:
+        rows = (await conn.execute(query)).all()
+    facts = []
+    for row in rows:
+        certificate = x509.load_der_x509_certificate(row.der)
+        spki = certificate.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        not_after = row.not_after if row.not_after.tzinfo else row.not_after.replace(tzinfo=UTC)
+        facts.append(CertificateFact(
+            serial=row.serial, cert_type=row.cert_type, person_id=row.person_id,
+            se_cin=row.se_cin, saga_id=row.saga_id, status=row.status,
+            expired=not_after <= now, spki_sha256=hashlib.sha256(spki).hexdigest(),
+        ))
+    return facts
+
+
+async def load_registry(db: Database) -> list[RegistryFact]:
+    async with db.transaction() as conn:
+        elements = (await conn.execute(select(tsm_registry.secure_elements))).all()
+        running = set((await conn.execute(
+            select(tsm_registry.tsm_operations.c.cin)
+            .where(tsm_registry.tsm_operations.c.status == "running")
+        )).scalars())
+    return [
+        RegistryFact(cin=row.cin, holds_keys=bool(row.holds_keys),
+                     operation_running=row.cin in running or row.applet_state == "unknown")
+        for row in elements
+    ]
+
+
+def se_fact(element: SecureElement, device_id: str) -> SeFact:
+    manager = element.manager
+    in_service = manager.life_cycle not in (CardLifeCycle.CARD_LOCKED, CardLifeCycle.TERMINATED)
+    app = next((a for a in manager.applications.values() if a.aid == jpki.AID), None)
+    keys: dict[str, str] = {}
+    if app is not None and isinstance(app.applet, JpkiApplet):
+        for kind, ef in (("auth", jpki.EF.AUTH_KEY), ("sign", jpki.EF.SIGN_KEY)):
+            public = app.applet.public_key(ef)
+            if public is not None:
+                spki = public.public_bytes(serialization.Encoding.DER,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+                keys[kind] = hashlib.sha256(spki).hexdigest()
+    return SeFact(cin=element.identity.cin.hex().upper(), device_id=device_id,
+                  in_service=in_service, applet_present=app is not None, keys=keys)
+
+
+def load_phones(phones_dir: Path) -> list[SeFact] | None:
+    """The fleet's persisted SEs (``<device>.se.json``, written by ``Fleet.save``)."""
+    if not phones_dir.is_dir():
+        return None
+    load_files = [jpki_load_file(JpkiAppletFactory(Profile.PHONE, GeneratedKeys()))]
+    facts = []
+    for path in sorted(phones_dir.glob("*.se.json")):
+        element = SecureElement.load(path, load_files)
+        facts.append(se_fact(element, path.name.removesuffix(".se.json")))
+    return facts
+
+
+async def audit_stores(
+    *, orchestrator: Database, ca: Database, tsm: Database | None, phones: Path | None,
+    now: float | None = None,
+) -> list[Violation]:
+    stores, _counts = await read_stores(orchestrator=orchestrator, ca=ca, tsm=tsm, phones=phones)
+    return audit(stores, now=time.time() if now is None else now)
+
+
+async def read_stores(
+    *, orchestrator: Database, ca: Database, tsm: Database | None, phones: Path | None,
+) -> tuple[Stores, dict[str, int]]:
+    from orchestrator.service import FLOWS
+
+    sagas_ = await load_sagas(orchestrator, FLOWS)
+    certificates = await load_certificates(ca, now=datetime.now(UTC))
+    registry = await load_registry(tsm) if tsm is not None else None
+    ses = await asyncio.to_thread(load_phones, phones) if phones is not None else None
+    counts = {"sagas": len(sagas_), "phone certificates": len(certificates)}
+    if registry is not None:
+        counts["TSM registry rows"] = len(registry)
+    if ses is not None:
+        counts["phones' SEs"] = len(ses)
+    return Stores(certificates, sagas_, ses, registry), counts
+
+
+@click.command("audit")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data"),
+              show_default=True, help="SQLite stores and the fleet's phones/")
+@click.option("--db-url", envvar="JPKI_DB_URL", default=None,
+              help="PostgreSQL URL of every service's schema (env JPKI_DB_URL)")
+@click.option("--orchestrator-db-url", default=None, help="override for the orchestrator")
+@click.option("--ca-db-url", default=None, help="override for the CA")
+@click.option("--tsm-db-url", default=None, help="override for the TSM")
+@click.option("--phones-dir", type=click.Path(path_type=Path), default=None,
+              help="the fleet's persisted SEs (default: <data dir>/phones)")
+@click.option("--json", "as_json", is_flag=True, help="print the findings as JSON")
+def audit_command(
+    data_dir: Path, db_url: str | None, orchestrator_db_url: str | None,
+    ca_db_url: str | None, tsm_db_url: str | None, phones_dir: Path | None, as_json: bool,
+) -> None:
+    """Re-read every store and name each broken invariant; exit 1 if any is broken."""
+
+    async def go() -> tuple[list[Violation], dict[str, int]]:
+        dbs = {
+            service: Database.for_service(service, url=override or db_url, data_dir=data_dir)
+            for service, override in (("orchestrator", orchestrator_db_url),
+                                      ("ca", ca_db_url), ("tsm", tsm_db_url))
+        }
+        try:
+            stores, counts = await read_stores(
+                orchestrator=dbs["orchestrator"], ca=dbs["ca"], tsm=dbs["tsm"],
+                phones=phones_dir or data_dir / "phones",
+            )
+        finally:
+            for db in dbs.values():
+                await db.close()
+        return audit(stores, now=time.time()), counts
+
+    violations, counts = asyncio.run(go())
+    click.echo(dump_json(violations, counts) if as_json else render(violations, counts))
+    sys.exit(exit_code(violations))
