@@ -243,8 +243,14 @@ class OfflineHostSession(AuthenticatedHost):
     def predict(cls, keys: StaticKeys, *, key_version: int, sequence_counter: int,
                 sd_aid: bytes, security_level: int, host_challenge: bytes | None = None,
                 s_mode: int = S8, key_diversification_data: bytes | None = None,
-                i_parameter: int = 0x70, random: Random = os.urandom, channel: int = 0
-                ) -> OfflineHostSession:
+                i_parameter: int = I_R_MAC | I_R_ENC, random: Random = os.urandom,
+                channel: int = 0) -> OfflineHostSession:
+        """Compute the session for an SE that will use ``sequence_counter`` next.
+
+        ``key_diversification_data``: the SE's KDD, checked in its INITIALIZE UPDATE response
+        when given. ``i_parameter``: the SE's R-MAC/R-ENC support bits (the pseudo-random
+        and S16 bits are added here); the level must fit them.
+        """
         check_s_mode(s_mode)
         challenge = random(s_mode) if host_challenge is None else bytes(host_challenge)
         if len(challenge) != s_mode:
@@ -259,14 +265,14 @@ class OfflineHostSession(AuthenticatedHost):
             card_cryptogram=session.card_cryptogram(challenge, card_challenge),
             sequence_counter=sequence_counter,
         )
-        self = cls(session, info, challenge, channel)
-        self._expected_kdd = key_diversification_data
-        self._key_version = key_version
-        self.initialize_update_command = initialize_update_command(key_version, challenge,
-                                                                   channel)
-        self._pending.append((_Expect.INITIALIZE_UPDATE, _ZERO_CHAIN, 0))
-        self.external_authenticate_command = self.external_authenticate(security_level)
-        return self
+        offline = cls(session, info, challenge, channel)
+        offline._expected_kdd = key_diversification_data
+        offline._key_version = key_version
+        offline.initialize_update_command = initialize_update_command(key_version, challenge,
+                                                                      channel)
+        offline._pending.append((_Expect.INITIALIZE_UPDATE, _ZERO_CHAIN, 0))
+        offline.external_authenticate_command = offline.external_authenticate(security_level)
+        return offline
 
     def script(self, commands: Iterable[CommandAPDU]) -> list[CommandAPDU]:
         """INITIALIZE UPDATE, EXTERNAL AUTHENTICATE, then every command wrapped, in order."""
