@@ -37,9 +37,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import click
 import structlog
 
 from device_sim.app import (
+    DELETED_MARK,
     AppCore,
     AppStorage,
     DeviceInfo,
@@ -55,10 +58,18 @@ from device_sim.card import (
     MyNumberCard,
     manufacture_card,
 )
-from device_sim.relying_party import LoginRefused, RelyingParty
+from device_sim.relying_party import HttpOcspClient, LoginRefused, RelyingParty
 from device_sim.se.element import SecureElement
-from device_sim.se.jpki_applet import JpkiAppletFactory, KeySource, Profile
-from infra.transport.phone_link import DownHandler, PhoneLink
+from device_sim.se.jpki_applet import (
+    GeneratedKeys,
+    JpkiAppletFactory,
+    KeySource,
+    PooledKeys,
+    Profile,
+)
+from infra.bus import Bus
+from infra.mqtt import MqttPhoneLink
+from infra.transport.phone_link import DownHandler, InProcessPhoneHub, PhoneLink
 from orchestrator import messages as om
 from protocol.envelope import Message
 from protocol.errors import JpkiError
@@ -684,3 +695,247 @@ async def log_in(app: PhoneApp, relying_party: RelyingParty) -> str:
     except LoginRefused as refused:
         return f"refused:{refused.reason.value}"
     return "ok"
+
+
+# ---------------------------------------------------------------------------------------
+# ``jpki fleet``: the phones as their own process, against the real services
+
+
+def expected(result: PhoneResult) -> bool:
+    """What the run promises per phone: unsupported phones refused, every other one issued
+    and, with an authentication certificate, logged in at the relying party."""
+    if result.profile == PhoneProfile.UNSUPPORTED.value:
+        return result.outcome == om.Outcome.REFUSED.value
+    if result.outcome != om.Outcome.ISSUED.value:
+        return False
+    if result.profile in (PhoneProfile.SECOND_HAND.value, PhoneProfile.REINSTALLED.value):
+        if not applet_deleted_first(result.scripts):
+            return False
+    return result.login in ("ok", "n/a")
+
+
+def applet_deleted_first(scripts: Sequence[str]) -> bool:
+    """Phase 2's rule for a keyed applet: it was deleted before the new one was installed."""
+    deleted = [i for i, op in enumerate(scripts) if op.endswith(DELETED_MARK)]
+    installs = [i for i, op in enumerate(scripts) if op.startswith("install")]
+    return bool(deleted and installs and deleted[0] < installs[0])
+
+
+def format_results(results: Sequence[PhoneResult], summary: Summary) -> str:
+    lines = [
+        f"{'device':<14}{'profile':<13}{'certs':<6}{'pin':<4}{'outcome':<10}{'phase':<6}"
+        f"{'login':<22}{'latency':>9}  reason"
+    ]
+    for r in results:
+        latency = f"{r.latency_s:.3f}s" if r.latency_s is not None else "-"
+        lines.append(
+            f"{r.device_id:<14}{r.profile:<13}{r.certificates:<6}{r.pin_option:<4}"
+            f"{r.outcome:<10}{r.phase:<6}{r.login:<22}{latency:>9}  {r.reason or ''}"
+        )
+    lines += [
+        "",
+        f"phones {summary.phones}: "
+        + ", ".join(f"{k} {v}" for k, v in sorted(summary.outcomes.items())),
+        "logins: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.logins.items())),
+        f"certificates issued {summary.certificates_issued}; {summary.issuances_per_s}/s "
+        f"issuances, {summary.certificates_per_s}/s certificates over {summary.wall_s}s",
+        f"saga latency (phone side) p50 {summary.latency_p50_s}s p95 {summary.latency_p95_s}s",
+        f"peak RSS of this fleet process: {summary.max_rss_mib} MiB",
+    ]
+    return "\n".join(lines)
+
+
+async def _fleet_main(
+    *,
+    phones: int,
+    data_dir: Path,
+    mqtt_url: str,
+    amqp_url: str | None,
+    link_kind: str,
+    db_url: str | None,
+    ocsp_url: str,
+    config: FleetConfig,
+    key_pool: int | None,
+    concurrency: int | None,
+) -> Fleet:
+    # Imported here: the embedded runner owns the local secrets and key files of a data
+    # directory, and this command must read the same ones as the services it runs against.
+    from jpki.run import local_secret, tsm_key_ring
+    from workers.ca.keystore import Passphrase
+    from workers.ca.profiles import CaKind
+
+    authority = await CertificateAuthority.open(
+        data_dir, Passphrase(local_secret(data_dir, "ca", "JPKI_CA_PASSPHRASE")), db_url=db_url
+    )
+    ring = tsm_key_ring(data_dir)
+    keys: KeySource
+    if key_pool:
+        keys = PooledKeys(key_pool, data_dir / "key-pool", random.Random(config.seed))
+    else:
+        keys = GeneratedKeys()
+    cards = CaCardFactory(authority)
+    fleet = await asyncio.to_thread(
+        Fleet.manufacture, config, ring, cards.issuer_for, se_key_source=keys, card_key_source=keys
+    )
+    await cards.record()
+    trusted = [g.certificate for g in authority.generations() if g.kind is CaKind.AUTH]
+    await authority.close()
+    click.echo(f"fleet: {phones} phones manufactured, RSS {current_rss_mib():.0f} MiB; running")
+
+    transport: Any = None
+    hub: InProcessPhoneHub | None = None
+    make_link: LinkFactory
+    if link_kind == "mqtt":
+        make_link = lambda device_id: MqttPhoneLink(mqtt_url, device_id)  # noqa: E731
+    else:
+        from infra.transport.rabbitmq import RabbitMQTransport
+
+        if amqp_url is None:
+            raise click.UsageError("--link amqp needs --amqp-url")
+        transport = RabbitMQTransport(amqp_url, connection_name="jpki-fleet")
+        await transport.connect()
+        hub = InProcessPhoneHub(Bus(transport))
+        await hub.start()
+        make_link = hub.link
+
+    done = 0
+
+    def progress(result: PhoneResult) -> None:
+        nonlocal done
+        done += 1
+        if done % max(1, phones // 10) == 0 or done == phones:
+            click.echo(f"fleet: {done}/{phones} done (last {result.device_id}: {result.outcome})")
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            relying_party = RelyingParty(trusted, HttpOcspClient(session), ocsp_url=ocsp_url)
+            await fleet.run(
+                make_link, relying_party=relying_party, concurrency=concurrency, on_result=progress
+            )
+    finally:
+        if hub is not None:
+            await hub.close()
+        if transport is not None:
+            await transport.close()
+    return fleet
+
+
+@click.command("fleet")
+@click.option("--phones", type=int, default=50, show_default=True)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="the services' data directory: CA keys, TSM key file, phones' SE state",
+)
+@click.option(
+    "--mqtt-url",
+    envvar="JPKI_MQTT_URL",
+    default="mqtt://127.0.0.1:1883",
+    show_default=True,
+    help="env JPKI_MQTT_URL",
+)
+@click.option(
+    "--amqp-url",
+    envvar="JPKI_AMQP_URL",
+    default=None,
+    help="env JPKI_AMQP_URL; only for --link amqp",
+)
+@click.option(
+    "--link",
+    "link_kind",
+    type=click.Choice(["mqtt", "amqp"]),
+    default="mqtt",
+    show_default=True,
+    help="each phone its own MQTT session, or all on one AMQP link",
+)
+@click.option(
+    "--db-url",
+    envvar="JPKI_DB_URL",
+    default=None,
+    help="the CA's database (to issue the cards' certificates); default SQLite",
+)
+@click.option(
+    "--ocsp-url",
+    envvar="JPKI_OCSP_URL",
+    default="http://127.0.0.1:8080/ocsp",
+    show_default=True,
+    help="the CA's OCSP responder, for the relying party",
+)
+@click.option(
+    "--profile-mix",
+    default="new=70,second_hand=10,reinstalled=10,unsupported=10",
+    show_default=True,
+)
+@click.option("--certificate-mix", default="both=80,auth=10,sign=10", show_default=True)
+@click.option("--pin-options", default="4=1", show_default=True, help="e.g. 4=80,3=20")
+@click.option("--typo-rate", type=float, default=0.1, show_default=True)
+@click.option("--latency-ms", type=float, default=0.0, show_default=True)
+@click.option("--drop-rate", type=float, default=0.0, show_default=True)
+@click.option("--disconnect-rate", type=float, default=0.0, show_default=True)
+@click.option("--concurrency", type=int, default=None, help="phones applying at once (default all)")
+@click.option("--timeout", "saga_timeout", type=float, default=120.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--key-pool", is_flag=True, help="SE and card key pairs from the pre-generated pool")
+@click.option("--key-pool-size", type=int, default=64, show_default=True)
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def fleet_command(
+    phones: int,
+    data_dir: Path,
+    mqtt_url: str,
+    amqp_url: str | None,
+    link_kind: str,
+    db_url: str | None,
+    ocsp_url: str,
+    profile_mix: str,
+    certificate_mix: str,
+    pin_options: str,
+    typo_rate: float,
+    latency_ms: float,
+    drop_rate: float,
+    disconnect_rate: float,
+    concurrency: int | None,
+    saga_timeout: float,
+    seed: int | None,
+    key_pool: bool,
+    key_pool_size: int,
+    report: Path | None,
+) -> None:
+    """Run PHONES simulated phones against the running services and report each outcome."""
+    try:
+        config = FleetConfig(
+            phones=phones,
+            profile_mix=parse_mix(profile_mix, [p.value for p in PhoneProfile]),
+            certificate_mix=parse_mix(certificate_mix, CERTIFICATE_CHOICES),
+            pin_option_mix=parse_mix(pin_options, [str(int(o)) for o in om.PinOption]),
+            typo_rate=typo_rate,
+            faults=NetworkFaults(latency_ms / 1000, drop_rate, disconnect_rate),
+            seed=seed if seed is not None else random.SystemRandom().randrange(2**31),
+            saga_timeout_s=saga_timeout,
+        )
+    except FleetConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fleet = asyncio.run(
+        _fleet_main(
+            phones=phones,
+            data_dir=data_dir,
+            mqtt_url=mqtt_url,
+            amqp_url=amqp_url,
+            link_kind=link_kind,
+            db_url=db_url,
+            ocsp_url=ocsp_url,
+            config=config,
+            key_pool=key_pool_size if key_pool else None,
+            concurrency=concurrency,
+        )
+    )
+    fleet.save(data_dir)
+    summary = fleet.summary()
+    click.echo(format_results(fleet.results, summary))
+    if report is not None:
+        report.write_text(json.dumps(fleet.report(), indent=2, ensure_ascii=False))
+    unexpected = [r for r in fleet.results if not expected(r)]
+    for r in unexpected:
+        click.echo(f"fleet: UNEXPECTED {r.device_id} ({r.profile}): {r.outcome} {r.reason}")
+    sys.exit(1 if unexpected else 0)

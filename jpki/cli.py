@@ -26,3 +26,5 @@ from workers.gateway.cli import gateway_command  # noqa: E402, I001
 main.add_command(gateway_command)
 from infra.transport.cli import ops  # noqa: E402, I001
 main.add_command(ops)
+from device_sim.fleet import fleet_command  # noqa: E402, I001
+main.add_command(fleet_command)
