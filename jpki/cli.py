@@ -28,3 +28,13 @@ from infra.transport.cli import ops  # noqa: E402, I001
 main.add_command(ops)
 from device_sim.fleet import fleet_command  # noqa: E402, I001
 main.add_command(fleet_command)
+from orchestrator.service import orchestrator_command  # noqa: E402, I001
+main.add_command(orchestrator_command)
+from jpki.run import run_command  # noqa: E402, I001
+main.add_command(run_command)
+from jpki.up import up_command  # noqa: E402, I001
+main.add_command(up_command)
+from jpki.audit import audit_command  # noqa: E402, I001
+main.add_command(audit_command)
+from jpki.worker import worker  # noqa: E402, I001
+main.add_command(worker)

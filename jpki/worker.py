@@ -1,0 +1,54 @@
+"""``jpki worker tsm|ca``: the SP-TSM and CA workers as their own processes on RabbitMQ
+(and PostgreSQL), reading the same data directory (key files, local secrets) as ``jpki run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import click
+
+from jpki.run import local_secret, run_until_signal
+
+data_dir_option = click.option(
+    "--data-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("data"),
+    show_default=True, help="key files and local secrets; SQLite stores unless --db-url",
+)
+amqp_option = click.option("--amqp-url", envvar="JPKI_AMQP_URL", required=True,
+                           help="RabbitMQ URL (env JPKI_AMQP_URL)")
+db_option = click.option("--db-url", envvar="JPKI_DB_URL", default=None,
+                         help="PostgreSQL URL (env JPKI_DB_URL); default SQLite in --data-dir")
+
+
+@click.group("worker")
+def worker() -> None:
+    """The back-end workers, one process each."""
+
+
+@worker.command("ca")
+@data_dir_option
+@amqp_option
+@db_option
+def ca_worker_command(data_dir: Path, amqp_url: str, db_url: str | None) -> None:
+    """The JPKI CA worker: the ``ca`` queue (verify, state check, issue, revoke)."""
+    from infra.transport.rabbitmq import RabbitMQTransport
+    from workers.ca.authority import CertificateAuthority
+    from workers.ca.keystore import Passphrase
+    from workers.ca.service import CaWorker
+
+    async def serve() -> None:
+        passphrase = Passphrase(local_secret(data_dir, "ca", "JPKI_CA_PASSPHRASE"))
+        authority = await CertificateAuthority.open(data_dir, passphrase, db_url=db_url)
+        transport = RabbitMQTransport(amqp_url, connection_name="ca")
+        await transport.connect()
+        ca = CaWorker(authority, transport)
+        try:
+            await ca.start()
+            await asyncio.Event().wait()
+        finally:
+            await ca.stop()
+            await transport.close()
+            await authority.close()
+
+    run_until_signal(serve())
