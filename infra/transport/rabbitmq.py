@@ -162,8 +162,10 @@ class RabbitMQTransport(Transport):
         dead_letter_exchange: str = "jpki.dlx",
         default_delivery_limit: int = DEFAULT_DELIVERY_LIMIT,
         connection_name: str = "jpki",
+        reconnect_interval: float = 1.0,
     ) -> None:
         self._url = url
+        self._reconnect_interval = reconnect_interval
         self._exchange_name = exchange
         self._dlx_name = dead_letter_exchange
         self._default_delivery_limit = default_delivery_limit
@@ -183,7 +185,9 @@ class RabbitMQTransport(Transport):
     async def connect(self) -> None:
         try:
             self._connection = await aio_pika.connect_robust(
-                self._url, client_properties={"connection_name": self._connection_name}
+                self._url,
+                client_properties={"connection_name": self._connection_name},
+                reconnect_interval=self._reconnect_interval,
             )
         except (OSError, aiormq.exceptions.AMQPError) as exc:
             raise TransportError(f"cannot connect to RabbitMQ: {type(exc).__name__}") from None
