@@ -45,6 +45,8 @@ from protocol.scp03.keys import (
 INS_INITIALIZE_UPDATE = 0x50
 INS_EXTERNAL_AUTHENTICATE = 0x82
 _ZERO_CHAIN = bytes(16)
+_R_MAC = SecurityLevel.R_MAC.value
+_R_ENC = SecurityLevel.R_ENCRYPTION.value
 
 Random = Callable[[int], bytes]
 
@@ -149,9 +151,9 @@ class CardAwaitingAuthentication:
             raise SecureChannelError("EXTERNAL AUTHENTICATE on another logical channel")
         level = security_level(command.p1)
         i = self.info.i_parameter
-        if level & SecurityLevel.R_MAC and not i & I_R_MAC:
+        if level.value & _R_MAC and not i & I_R_MAC:
             raise SecureChannelError("R-MAC requested but not supported")
-        if level & SecurityLevel.R_ENCRYPTION and not i & I_R_ENC:
+        if level.value & _R_ENC and not i & I_R_ENC:
             raise SecureChannelError("R-ENC requested but not supported")
         s_mode = self.info.s_mode
         if len(command.data) != 2 * s_mode:

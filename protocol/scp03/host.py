@@ -50,6 +50,8 @@ INS_EXTERNAL_AUTHENTICATE = 0x82
 _CLA_GP = 0x80
 _CLA_GP_SM = 0x84
 _ZERO_CHAIN = bytes(16)
+_R_MAC = SecurityLevel.R_MAC.value
+_R_ENC = SecurityLevel.R_ENCRYPTION.value
 
 Random = Callable[[int], bytes]
 
@@ -166,9 +168,10 @@ class AuthenticatedHost:
         if self._core is not None:
             raise SecureChannelClosed("EXTERNAL AUTHENTICATE was already built")
         level = parse_security_level(level)
-        if level & SecurityLevel.R_MAC and not self.info.i_parameter & I_R_MAC:
+        bits = level.value
+        if bits & _R_MAC and not self.info.i_parameter & I_R_MAC:
             raise SecureChannelError("card does not support R-MAC (i parameter)")
-        if level & SecurityLevel.R_ENCRYPTION and not self.info.i_parameter & I_R_ENC:
+        if bits & _R_ENC and not self.info.i_parameter & I_R_ENC:
             raise SecureChannelError("card does not support R-ENC (i parameter)")
         s_mode = self.info.s_mode
         cryptogram = self._session.host_cryptogram(self._host_challenge, self.info.card_challenge)
@@ -300,10 +303,10 @@ class OfflineHostSession(AuthenticatedHost):
             raise SecureChannelError("key diversification data is not this SE's")
         # The i bits this session relies on: the S mode, and R-MAC / R-ENC if the level uses them.
         i = actual.i_parameter
-        level = self.security_level or SecurityLevel.NONE
+        level = int(self.security_level or 0)
         if (bool(i & I_S16) != (predicted.s_mode == S16)
-                or (level & SecurityLevel.R_MAC and not i & I_R_MAC)
-                or (level & SecurityLevel.R_ENCRYPTION and not i & I_R_ENC)):
+                or (level & _R_MAC and not i & I_R_MAC)
+                or (level & _R_ENC and not i & I_R_ENC)):
             raise SecureChannelError(f"i parameter {i:02X} does not fit this session")
         # Both are public values, but compare in constant time all the same.
         if not compare_digest(actual.card_challenge, predicted.card_challenge):
