@@ -38,3 +38,5 @@ from jpki.audit import audit_command  # noqa: E402, I001
 main.add_command(audit_command)
 from jpki.worker import worker  # noqa: E402, I001
 main.add_command(worker)
+from jpki.bench.ca import ca_bench  # noqa: E402, I001
+bench.add_command(ca_bench)

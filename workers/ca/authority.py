@@ -27,9 +27,10 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import structlog
@@ -657,16 +658,7 @@ class CertificateAuthority:
         row = (
             await conn.execute(select(t.applications).where(t.applications.c.saga_id == saga_id))
         ).first()
-        if row is None:
-            return None
-        return VerifiedApplication(
-            saga_id=row.saga_id,
-            person_id=row.person_id,
-            se=SeIdentity(cin=row.se_cin, kdd=row.se_kdd),
-            card_serial=row.card_serial,
-            certificates=tuple(CertType(c) for c in row.cert_types.split(",")),
-            pin_option=row.pin_option,
-        )
+        return None if row is None else _verified_row(row)
 
     async def verified_application(
         self, saga_id: str, *, conn: AsyncConnection | None = None
@@ -723,41 +715,68 @@ class CertificateAuthority:
         *,
         conn: AsyncConnection | None = None,
     ) -> list[IssuedCertificate]:
-        """FLOWS §1 step 9: one or two phone certificates, idempotent by (saga, type)."""
+        """FLOWS §1 step 9: one or two phone certificates, idempotent by (saga, type).
+
+        One transaction of four statements (BEGIN, one joined read, one insert, COMMIT);
+        the signing runs off the event loop. The certificates leave the CA only after the
+        commit, so a crash before it leaves nothing issued to account for. Two concurrent
+        deliveries of one request race on the (saga, type) unique key; the loser re-reads
+        and answers what the winner stored (with a caller's ``conn`` the caller's
+        transaction fails instead and its message is retried, which then finds the stored
+        certificates).
+        """
         types = [request.cert_type for request in requests]
         if not requests or len(set(types)) != len(types):
             raise InvalidRequest("ask for one or two distinct certificate types")
         if conn is not None:
-            # a concurrent duplicate surfaces as IntegrityError: the caller's transaction is
-            # rolled back and the message retried, which then finds the stored certificates
             return await self._issue_in(conn, saga_id, requests)
         try:
             async with self._db.transaction() as own:
                 return await self._issue_in(own, saga_id, requests)
         except IntegrityError:
             async with self._db.transaction() as own:
-                return await self._issue_in(own, saga_id, requests)
+                plan = await self._plan_issue(own, saga_id, requests)
+            if plan.to_sign:
+                raise
+            return [plan.results[cert_type] for cert_type in plan.order]
 
     async def _issue_in(
         self, conn: AsyncConnection, saga_id: str, requests: Sequence[KeyRequest]
     ) -> list[IssuedCertificate]:
+        plan = await self._plan_issue(conn, saga_id, requests)
+        await self._sign_planned(plan)
+        return await self._store_planned(conn, plan)
+
+    async def _plan_issue(
+        self, conn: AsyncConnection, saga_id: str, requests: Sequence[KeyRequest]
+    ) -> _IssuePlan:
         now = self._clock()
-        verified = await self._verified(conn, saga_id)
-        if verified is None:
+        app, cert = t.applications, t.certificates
+        joined = (
+            await conn.execute(
+                select(app, *(column.label(f"c_{column.name}") for column in cert.columns))
+                .select_from(
+                    app.outerjoin(
+                        cert,
+                        or_(cert.c.serial == app.c.card_serial, cert.c.saga_id == app.c.saga_id),
+                    )
+                )
+                .where(app.c.saga_id == saga_id)
+            )
+        ).all()
+        if not joined:
             raise ApplicationNotVerified("no verified application for this saga")
-        card = await self._certificate(conn, verified.card_serial)
+        verified = _verified_row(joined[0])
+        rows = [_prefixed(row, "c_") for row in joined if row.c_serial is not None]
+        card = next(
+            (CertificateRecord.from_row(r) for r in rows if r.serial == verified.card_serial), None
+        )
         if card is None:
             raise CertificateNotFound("the application's card certificate is gone")
-        existing = {
-            CertType(r.cert_type): r
-            for r in (
-                await conn.execute(
-                    select(t.certificates).where(t.certificates.c.saga_id == saga_id)
-                )
-            ).all()
-        }
-        results: dict[CertType, IssuedCertificate] = {}
-        fresh: list[tuple[x509.Certificate, Issuer]] = []
+        existing = {CertType(r.cert_type): r for r in rows if r.saga_id == saga_id}
+        plan = _IssuePlan(
+            saga_id=saga_id, verified=verified, card=card, now=now, order=types_of(requests)
+        )
         for request in requests:
             if request.cert_type not in verified.certificates:
                 raise InvalidRequest(
@@ -768,7 +787,7 @@ class CertificateAuthority:
                 stored = x509.load_der_x509_certificate(row.der)
                 if _spki(stored) != request.public_key_der:
                     raise InvalidRequest("this saga already certified another key of this type")
-                results[request.cert_type] = self._issued(
+                plan.results[request.cert_type] = self._issued(
                     stored, request.cert_type, self.issuer(CaKind(row.ca_kind), row.ca_generation)
                 )
                 continue
@@ -779,32 +798,52 @@ class CertificateAuthority:
                 raise CardCertificateRevoked("the card certificate is no longer valid")
             if card.not_after <= now:
                 raise CardCertificateExpired("the card certificate has expired")
-            issuer = self.issuer(request.cert_type.ca_kind)
-            cert = self._build_phone_certificate(request.cert_type, key, card, issuer, now)
-            fresh.append((cert, issuer))
-            results[request.cert_type] = self._issued(cert, request.cert_type, issuer)
-        # The certificates leave the CA only after this transaction commits, so a crash
-        # before it leaves nothing issued to account for (STYLE §7 in its strongest form).
-        for cert, issuer in fresh:
-            await self._insert_certificate(
-                conn,
-                cert,
-                issuer,
-                Holder.PHONE,
-                verified.person_id,
-                verified.se.cin,
-                card.serial,
-                saga_id,
-                now,
+            plan.to_sign.append((request.cert_type, key, self.issuer(request.cert_type.ca_kind)))
+        return plan
+
+    async def _sign_planned(self, plan: _IssuePlan) -> None:
+        if not plan.to_sign:
+            return
+
+        def sign_all() -> list[tuple[x509.Certificate, Issuer]]:
+            return [
+                (self._build_phone_certificate(cert_type, key, plan.card, issuer, plan.now), issuer)
+                for cert_type, key, issuer in plan.to_sign
+            ]
+
+        plan.signed = await asyncio.to_thread(sign_all)
+        for cert, issuer in plan.signed:
+            plan.results[CertType(issuer.kind.value)] = self._issued(
+                cert, CertType(issuer.kind.value), issuer
             )
-        if fresh:
+
+    async def _store_planned(
+        self, conn: AsyncConnection, plan: _IssuePlan
+    ) -> list[IssuedCertificate]:
+        if plan.signed:
+            await conn.execute(
+                insert(t.certificates),
+                [
+                    _certificate_row(
+                        cert,
+                        issuer,
+                        Holder.PHONE,
+                        plan.verified.person_id,
+                        plan.verified.se.cin,
+                        plan.card.serial,
+                        plan.saga_id,
+                        plan.now,
+                    )
+                    for cert, issuer in plan.signed
+                ],
+            )
             log.info(
                 "ca.phone_issued",
-                saga_id=saga_id,
-                se=verified.se.cin,
-                serials=[serial_hex(cert.serial_number) for cert, _ in fresh],
+                saga_id=plan.saga_id,
+                se=plan.verified.se.cin,
+                serials=[serial_hex(cert.serial_number) for cert, _ in plan.signed],
             )
-        return [results[request.cert_type] for request in requests]
+        return [plan.results[cert_type] for cert_type in plan.order]
 
     def _build_phone_certificate(
         self,
@@ -862,22 +901,8 @@ class CertificateAuthority:
         now: datetime,
     ) -> None:
         await conn.execute(
-            insert(t.certificates).values(
-                serial=serial_hex(cert.serial_number),
-                ca_kind=issuer.kind.value,
-                ca_generation=issuer.generation,
-                holder=holder.value,
-                cert_type=issuer.kind.value,
-                person_id=person_id,
-                se_cin=se_cin,
-                card_serial=card_serial,
-                saga_id=saga_id,
-                status=Status.VALID.value,
-                not_before=cert.not_valid_before_utc,
-                not_after=cert.not_valid_after_utc,
-                issued_at=now,
-                der=cert.public_bytes(serialization.Encoding.DER),
-            )
+            insert(t.certificates),
+            [_certificate_row(cert, issuer, holder, person_id, se_cin, card_serial, saga_id, now)],
         )
 
     # ---------------------------------------------------------------- statuses
@@ -1249,4 +1274,75 @@ def _write_files(root: Path, files: dict[str, bytes]) -> None:
 def _spki(cert: x509.Certificate) -> bytes:
     return cert.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+@dataclass
+class _IssuePlan:
+    """What one issuance found (read), must sign, and signed."""
+
+    saga_id: str
+    verified: VerifiedApplication
+    card: CertificateRecord
+    now: datetime
+    order: list[CertType]
+    results: dict[CertType, IssuedCertificate] = field(default_factory=dict)
+    to_sign: list[tuple[CertType, rsa.RSAPublicKey, Issuer]] = field(default_factory=list)
+    signed: list[tuple[x509.Certificate, Issuer]] = field(default_factory=list)
+
+
+def types_of(requests: Sequence[KeyRequest]) -> list[CertType]:
+    return [request.cert_type for request in requests]
+
+
+def _certificate_row(
+    cert: x509.Certificate,
+    issuer: Issuer,
+    holder: Holder,
+    person_id: str,
+    se_cin: str | None,
+    card_serial: str | None,
+    saga_id: str | None,
+    now: datetime,
+) -> dict[str, Any]:
+    return {
+        "serial": serial_hex(cert.serial_number),
+        "ca_kind": issuer.kind.value,
+        "ca_generation": issuer.generation,
+        "holder": holder.value,
+        "cert_type": issuer.kind.value,
+        "person_id": person_id,
+        "se_cin": se_cin,
+        "card_serial": card_serial,
+        "saga_id": saga_id,
+        "status": Status.VALID.value,
+        "reason": None,
+        "cause": None,
+        "status_changed_at": None,
+        "not_before": cert.not_valid_before_utc,
+        "not_after": cert.not_valid_after_utc,
+        "issued_at": now,
+        "der": cert.public_bytes(serialization.Encoding.DER),
+    }
+
+
+def _verified_row(row: Any) -> VerifiedApplication:
+    return VerifiedApplication(
+        saga_id=row.saga_id,
+        person_id=row.person_id,
+        se=SeIdentity(cin=row.se_cin, kdd=row.se_kdd),
+        card_serial=row.card_serial,
+        certificates=tuple(CertType(c) for c in row.cert_types.split(",")),
+        pin_option=row.pin_option,
+    )
+
+
+def _prefixed(row: Any, prefix: str) -> SimpleNamespace:
+    """The columns of a joined row that carry ``prefix``, under their own names."""
+    return SimpleNamespace(
+        **{
+            key[len(prefix) :]: value
+            for key, value in row._mapping.items()
+            if key.startswith(prefix)
+        }
     )

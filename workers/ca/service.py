@@ -4,7 +4,8 @@ Each batch of deliveries runs in one transaction with its inbox rows and outbox 
 (``infra.db.InboxConsumer``): a redelivered command is recognised and not run twice, and a
 reply leaves only if the effect committed. Each command runs inside its own savepoint, so a
 refused command (a ``CaError``: forged signature, revoked card, ...) rolls back only its own
-work and is answered with a ``Failure``; a transient error (CA key unavailable) propagates
+work and is answered with a ``Failure`` (commands that refuse before their first write
+skip the savepoint); a transient error (CA key unavailable) propagates
 and the message is retried.
 """
 
@@ -68,8 +69,11 @@ class CaService:
             return None
         handler, reply_type = entry
         try:
-            async with conn.begin_nested():
+            if self._checks_before_writing(message.body):
                 body = await handler(conn, message)
+            else:
+                async with conn.begin_nested():
+                    body = await handler(conn, message)
         except CaError as exc:
             if exc.disposition is Disposition.TRANSIENT:
                 raise
@@ -85,6 +89,14 @@ class CaService:
             causation_id=message.envelope.message_id,
         )
         return outgoing(reply, routing_key=message.envelope.reply_to)
+
+    @staticmethod
+    def _checks_before_writing(body: object) -> bool:
+        """Commands whose every refusal is raised before their first write need no savepoint
+        (two statements saved on the hot path); changing several named certificates may
+        refuse the second after changing the first, so it runs inside one."""
+        selection = getattr(body, "selection", None)
+        return selection is None or len(selection.serials) <= 1
 
     # ------------------------------------------------------------------ handlers
 
