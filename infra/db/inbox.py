@@ -147,8 +147,7 @@ class InboxConsumer:
                 except Exception:
                     log.exception("inbox_batch_crashed", queue=self._queue)
                     for _, _, done in batch:
-                        if not done.done():
-                            done.set_result(None)
+                        _settle(done)
 
     async def _run_batch(self, batch: list[tuple[Delivery, Message, asyncio.Future[None]]]) -> None:
         try:
@@ -156,7 +155,7 @@ class InboxConsumer:
         except Exception as exc:
             if len(batch) == 1:
                 await self._failed(batch[0][0], exc)
-                batch[0][2].set_result(None)
+                _settle(batch[0][2])
                 return
             log.warning("inbox_batch_failed_retrying_singly", queue=self._queue,
                         size=len(batch), error=type(exc).__name__)
@@ -166,7 +165,7 @@ class InboxConsumer:
         for delivery, _, done in batch:
             with contextlib.suppress(Exception):  # a lost ack means a redelivery: deduplicated
                 await delivery.ack()
-            done.set_result(None)
+            _settle(done)
         if self._relay is not None:
             self._relay.handoff(out)
 
@@ -194,3 +193,9 @@ class InboxConsumer:
         log.warning("message_failed_retry", queue=self._queue, message_id=delivery.message_id,
                     delivery_count=delivery.delivery_count, error=type(exc).__name__)
         await delivery.retry()
+
+
+def _settle(done: asyncio.Future[None]) -> None:
+    # the delivery's handler may have been cancelled meanwhile (its channel closed)
+    if not done.done():
+        done.set_result(None)

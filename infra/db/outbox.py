@@ -238,11 +238,13 @@ class OutboxRelay:
         self._in_flight.difference_update(ids)
 
     def _pending(self, now: float) -> Any:
+        # At start nothing of ours is in flight: rows a dead process left are taken at once.
+        grace = self._grace if self.published else 0.0
         return (
             select(outbox.c.id, outbox.c.message_id, outbox.c.routing_key, outbox.c.body,
                    outbox.c.headers)
             .where(and_(outbox.c.sent_at.is_(None),
-                        outbox.c.created_at <= now - self._grace,
+                        outbox.c.created_at <= now - grace,
                         or_(outbox.c.retry_at.is_(None), outbox.c.retry_at <= now)))
             .order_by(outbox.c.id)
             .limit(self._batch_size)
