@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 
 import pytest
 
@@ -13,22 +14,31 @@ SECRETS = {"auth_pin": "4821", "sign_password": "QZ7XK2MW9P"}
 
 
 @pytest.mark.parametrize("prefix", [b"", b"a", b"ab", b"abc"])
-def test_found_in_base64_at_every_alignment(prefix: bytes) -> None:
+@pytest.mark.parametrize("secret", ["QZ7XK2MW9P", "4821"])
+def test_found_inside_base64_at_every_alignment(prefix: bytes, secret: str) -> None:
     for encode in (base64.b64encode, base64.urlsafe_b64encode):
-        payload = json.dumps({"x": encode(prefix + b"QZ7XK2MW9P" + b"tail").decode()})
-        hits = scan([Captured("amqp:x", payload.encode())], SECRETS)
-        assert [h.secret_label for h in hits] == ["sign_password"]
+        blob = encode(prefix + os.urandom(7) + secret.encode() + b"tail").decode()
+        payload = json.dumps({"body": {"apdu": blob}}).encode()
+        hits = scan([Captured("amqp:x", payload)], SECRETS)
+        assert [h.secret_label for h in hits] == [
+            "sign_password" if secret.startswith("Q") else "auth_pin"]
 
 
 def test_found_in_ascii_and_hex() -> None:
     for payload in (b'{"pin":"4821"}', b'{"d":"' + b"4821".hex().upper().encode() + b'"}',
-                    b"QZ7XK2MW9P".hex().encode()):
+                    b"QZ7XK2MW9P".hex().encode(), b'{"data":"00200080043438323100"}'):
         assert scan([Captured("mqtt:t", payload)], SECRETS), payload
 
 
 def test_digit_pins_inside_numbers_are_not_hits() -> None:
     payload = b'{"sent_at":"2026-11-29T19:15:11.482134Z","t":1764443711.4821,"n":948217}'
     assert scan([Captured("mqtt:t", payload)], SECRETS) == []
+
+
+def test_random_blobs_do_not_match_a_short_pin() -> None:
+    blobs = [base64.b64encode(os.urandom(2048)).decode() for _ in range(50)]
+    payload = json.dumps({"certificates": blobs}).encode()
+    assert scan([Captured("amqp:x", payload)], {"pin": "4821"}) == []
 
 
 def test_allowed_path_is_skipped() -> None:
