@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import aio_pika
@@ -101,7 +101,11 @@ def _original_routing_key(message: AbstractIncomingMessage) -> str:
 
 class _RabbitDelivery(Delivery):
     def __init__(
-        self, message: AbstractIncomingMessage, queue: str, transport: RabbitMQTransport
+        self,
+        message: AbstractIncomingMessage,
+        queue: str,
+        transport: RabbitMQTransport,
+        subscription: _RabbitSubscription,
     ) -> None:
         headers = message.headers or {}
         self.routing_key = _original_routing_key(message)
@@ -114,21 +118,27 @@ class _RabbitDelivery(Delivery):
         self._message = message
         self._queue = queue
         self._transport = transport
+        self._subscription = subscription
 
     async def ack(self) -> None:
-        await self._settle(self._message.ack())
+        await self._settle(self._message.ack)
 
     async def retry(self) -> None:
-        await self._settle(self._message.nack(requeue=True))
+        await self._settle(lambda: self._message.nack(requeue=True))
 
     async def park(self, reason: str) -> None:
-        await self._transport._park(self._queue, self._message, reason)
-        await self._settle(self._message.ack())
+        if self._subscription.active:
+            await self._transport._park(self._queue, self._message, reason)
+        await self._settle(self._message.ack)
 
-    @staticmethod
-    async def _settle(settling: Any) -> None:
+    async def _settle(self, settle: Callable[[], Awaitable[None]]) -> None:
+        # A cancelled subscription's channel is closing and the broker returns what it
+        # held: settling on it now would race the close (and a frame on a closed channel
+        # costs the whole connection), so leave it to the broker.
+        if not self._subscription.active:
+            return
         try:
-            await settling
+            await settle()
         except (aiormq.exceptions.ChannelInvalidStateError, aiormq.exceptions.AMQPError) as exc:
             # The channel is gone: the broker has already returned the message to the queue.
             log.info("transport.settle_on_closed_channel", error=type(exc).__name__)
@@ -292,7 +302,7 @@ class RabbitMQTransport(Transport):
             task = asyncio.current_task()
             if task is not None:
                 subscription.tasks.add(task)
-            delivery = _RabbitDelivery(message, queue, self)
+            delivery = _RabbitDelivery(message, queue, self, subscription)
             try:
                 await handler(delivery)
             except asyncio.CancelledError:
