@@ -135,6 +135,7 @@ class RunSettings:
     drop_rate: float = 0.0
     disconnect_rate: float = 0.0
     login: bool = True
+    device_prefix: str = "phone"
 
 
 @dataclass(slots=True)
@@ -156,19 +157,65 @@ def key_sources(settings: RunSettings) -> tuple[KeySource, KeySource]:
     return GeneratedKeys(), GeneratedKeys()
 
 
+@dataclass(frozen=True, slots=True)
+class Services:
+    """Where the stack runs: nothing (embedded default) or real brokers and a database.
+
+    ``amqp_url`` None: the in-process transport. ``mqtt_url`` None: phones on the in-process
+    phone link (over whichever transport), else each phone its own MQTT session bridged by
+    a gateway. ``db_url`` None: SQLite files in the data directory, else PostgreSQL with
+    each service in schema ``<service><schema_suffix>``.
+    """
+
+    amqp_url: str | None = None
+    mqtt_url: str | None = None
+    db_url: str | None = None
+    schema_suffix: str = ""
+    topic_root: str = "jpki/dev"
+
+    def database(self, service: str, data_dir: Path) -> Database:
+        if self.db_url is None:
+            return Database.for_service(service, data_dir=data_dir)
+        return Database.for_service(service, url=self.db_url,
+                                    schema=f"{service}{self.schema_suffix}")
+
+
+EMBEDDED = Services()
+
+
 async def run_embedded(
     settings: RunSettings, on_result: Callable[[PhoneResult], None] | None = None,
     on_ready: Callable[[int], None] | None = None,
 ) -> RunOutcome:
+    return await run_stack(settings, EMBEDDED, on_result=on_result, on_ready=on_ready)
+
+
+async def run_stack(
+    settings: RunSettings, services: Services, *,
+    on_result: Callable[[PhoneResult], None] | None = None,
+    on_ready: Callable[[int], None] | None = None,
+    on_transport: Callable[[Transport], Coroutine[Any, Any, None]] | None = None,
+    on_fleet: Callable[[Fleet], None] | None = None,
+) -> RunOutcome:
+    """Orchestrator, TSM and CA workers, the phone link and the fleet, in this process."""
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
-    transport = InProcessTransport()
+    transport: Transport
+    if services.amqp_url is None:
+        transport = InProcessTransport()
+    else:
+        from infra.transport.rabbitmq import RabbitMQTransport
+
+        transport = RabbitMQTransport(services.amqp_url, connection_name="jpki-run")
     await transport.connect()
     await declare_topology(transport, SERVICE_QUEUES)
+    if on_transport is not None:
+        await on_transport(transport)
     bus = Bus(transport)
 
+    ca_db = services.database("ca", data_dir)
     ca = await CertificateAuthority.open(
-        data_dir, Passphrase(local_secret(data_dir, "ca", "JPKI_CA_PASSPHRASE"))
+        data_dir, Passphrase(local_secret(data_dir, "ca", "JPKI_CA_PASSPHRASE")), db=ca_db
     )
     ring = tsm_key_ring(data_dir)
     se_keys, card_keys = key_sources(settings)
@@ -181,19 +228,37 @@ async def run_embedded(
         faults=NetworkFaults(latency_s=settings.latency_s, drop_rate=settings.drop_rate,
                              disconnect_rate=settings.disconnect_rate),
         seed=settings.seed,
+        device_prefix=settings.device_prefix,
     )
     fleet = await asyncio.to_thread(
         Fleet.manufacture, config, ring, cards.issuer_for,
         se_key_source=se_keys, card_key_source=card_keys,
     )
     await cards.record()
+    if on_fleet is not None:
+        on_fleet(fleet)
 
-    orchestrator_db = Database.for_service("orchestrator", data_dir=data_dir)
-    tsm_db = Database.for_service("tsm", data_dir=data_dir)
+    orchestrator_db = services.database("orchestrator", data_dir)
+    tsm_db = services.database("tsm", data_dir)
     orchestrator = Orchestrator(orchestrator_db, transport, rng=random.Random(settings.seed))
     ca_worker = CaWorker(ca, transport)
-    tsm_worker = await start_tsm_worker(tsm_db, transport, ring, fleet)
-    hub = InProcessPhoneHub(bus)
+    tsm_worker = await make_tsm_worker(tsm_db, transport, ring)
+    hub: InProcessPhoneHub | None = None
+    gateway: Any = None
+    make_link: Callable[[str], Any]
+    if services.mqtt_url is None:
+        hub = InProcessPhoneHub(bus)
+        make_link = hub.link
+    else:
+        from infra.mqtt import MqttPhoneLink
+        from workers.gateway.service import Gateway
+
+        mqtt_url, root = services.mqtt_url, services.topic_root
+        gateway = Gateway(transport, mqtt_url, topic_root=root)
+
+        def make_link(device_id: str) -> Any:
+            return MqttPhoneLink(mqtt_url, device_id, topic_root=root)
+
     http = await serve_ca_http(ca, "127.0.0.1", 0)
     port = http.addresses[0][1]
     session = aiohttp.ClientSession()
@@ -204,23 +269,30 @@ async def run_embedded(
     try:
         await orchestrator.start()
         await ca_worker.start()
-        await hub.start()
+        await tsm_worker.start()
+        if hub is not None:
+            await hub.start()
+        if gateway is not None:
+            await gateway.start()
         if on_ready is not None:
             on_ready(len(fleet.phones))
         started = time.time()
-        await fleet.run(hub.link, relying_party=relying_party if settings.login else None,
+        await fleet.run(make_link, relying_party=relying_party if settings.login else None,
                         concurrency=settings.concurrency, on_result=on_result)
         wall = time.time() - started
         await _settle(orchestrator, timeout_s=30.0)
     finally:
         await session.close()
         await http.cleanup()
-        await hub.close()
+        if gateway is not None:
+            await gateway.stop()
+        if hub is not None:
+            await hub.close()
         await tsm_worker.stop()
         await ca_worker.stop()
         await orchestrator.stop()
         await transport.close()
-    fleet.save(data_dir)
+    await asyncio.to_thread(fleet.save, data_dir)
     measured = await measure_sagas(orchestrator_db, FLOW_NAME)
     violations = await audit_mod.audit_stores(
         orchestrator=orchestrator_db, ca=ca.database, tsm=tsm_db, phones=data_dir / "phones",
@@ -264,9 +336,10 @@ def _outcome(
     )
 
 
-async def start_tsm_worker(db: Database, transport: Transport, ring: MasterKeyRing,
-                           fleet: Fleet) -> Any:
-    raise NotImplementedError("waiting for workers/tsm/service.py")
+async def make_tsm_worker(db: Database, transport: Transport, ring: MasterKeyRing) -> Any:
+    from jpki.tsm_worker import TsmWorker
+
+    return TsmWorker(db, transport, ring)
 
 
 # ---------------------------------------------------------------------------------------
