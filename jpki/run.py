@@ -55,6 +55,7 @@ from device_sim.relying_party import HttpOcspClient, RelyingParty
 from device_sim.se.jpki_applet import GeneratedKeys, KeySource, PooledKeys
 from infra.bus import SERVICE_QUEUES, Bus, declare_topology
 from infra.db import Database
+from infra.logging import configure_logging
 from infra.transport.base import Transport
 from infra.transport.inprocess import InProcessTransport
 from infra.transport.phone_link import InProcessPhoneHub
@@ -406,12 +407,17 @@ def render_summary(outcome: RunOutcome, console: Console) -> None:
 @click.option("--drop-rate", type=float, default=0.0, help="share of SP-TSM traffic lost")
 @click.option("--disconnect-rate", type=float, default=0.0,
               help="share of phones that lose their link mid-saga")
+@click.option("--log-level", default="WARNING", show_default=True,
+              help="log lines go to <data dir>/run.log")
 def run_command(
     phones: int, data_dir: Path, report: Path | None, seed: int, profiles: str,
     certificates: str, pin_options: str, key_pool: int | None, concurrency: int | None,
-    latency: float, drop_rate: float, disconnect_rate: float,
+    latency: float, drop_rate: float, disconnect_rate: float, log_level: str,
 ) -> None:
     """Everything in one process on the embedded default: N phones from phase 1 to 4."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_file = (data_dir / "run.log").open("a", encoding="utf-8")
+    configure_logging("run", level=log_level, pretty=False, stream=log_file)
     settings = RunSettings(
         phones=phones, data_dir=data_dir, seed=seed, profile_mix=profiles,
         certificate_mix=certificates, pin_option_mix=pin_options, key_pool=key_pool,
