@@ -68,6 +68,7 @@ from device_sim.se.jpki_applet import (
     Profile,
 )
 from infra.bus import Bus
+from infra.logging import configure_logging
 from infra.mqtt import MqttPhoneLink
 from infra.transport.phone_link import DownHandler, InProcessPhoneHub, PhoneLink
 from orchestrator import messages as om
@@ -220,8 +221,10 @@ class CaCardFactory:
 
     async def record(self) -> int:
         pending, self._pending = self._pending, []
-        for certificates in pending:
-            await self._authority.record_card_certificates(certificates)
+        # One transaction for the whole batch: a commit per card would be a disk sync each.
+        async with self._authority.database.transaction() as conn:
+            for certificates in pending:
+                await self._authority.record_card_certificates(certificates, conn=conn)
         return len(pending)
 
 
@@ -757,6 +760,7 @@ async def _fleet_main(
     config: FleetConfig,
     key_pool: int | None,
     concurrency: int | None,
+    hold_only: bool = False,
 ) -> Fleet:
     # Imported here: the embedded runner owns the local secrets and key files of a data
     # directory, and this command must read the same ones as the services it runs against.
@@ -798,6 +802,14 @@ async def _fleet_main(
         await hub.start()
         make_link = hub.link
 
+    if hold_only:
+        await hold_sessions(fleet, make_link)
+        if hub is not None:
+            await hub.close()
+        if transport is not None:
+            await transport.close()
+        return fleet
+
     done = 0
 
     def progress(result: PhoneResult) -> None:
@@ -818,6 +830,34 @@ async def _fleet_main(
         if transport is not None:
             await transport.close()
     return fleet
+
+
+async def hold_sessions(fleet: Fleet, make_link: LinkFactory, connecting: int = 100) -> float:
+    """Connect every phone's own link (an MQTT session each) at once, hold them, and report
+    this process's memory: what one fleet process needs per phone online."""
+    links = [make_link(phone.device_id) for phone in fleet.phones]
+    gate = asyncio.Semaphore(connecting)  # bounded connection storm on the broker
+
+    async def connect(link: PhoneLink, phone: Phone) -> None:
+        async with gate:
+            await link.start(phone.deliver)
+
+    started = time.monotonic()
+    try:
+        await asyncio.gather(
+            *(connect(link, p) for link, p in zip(links, fleet.phones, strict=True))
+        )
+        connected_s = time.monotonic() - started
+        await asyncio.sleep(1.0)
+        rss = current_rss_mib()
+        click.echo(
+            f"fleet: {len(links)} phones online, each with its own session "
+            f"(connected in {connected_s:.1f}s); RSS {rss:.1f} MiB, peak {max_rss_mib():.1f} MiB, "
+            f"{rss * 1024 / max(1, len(links)):.0f} KiB per phone"
+        )
+    finally:
+        await asyncio.gather(*(link.close() for link in links), return_exceptions=True)
+    return rss
 
 
 @click.command("fleet")
@@ -879,6 +919,12 @@ async def _fleet_main(
 @click.option("--key-pool", is_flag=True, help="SE and card key pairs from the pre-generated pool")
 @click.option("--key-pool-size", type=int, default=64, show_default=True)
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option(
+    "--hold-only",
+    is_flag=True,
+    help="only connect every phone, report memory per phone, disconnect",
+)
+@click.option("--log-level", default="WARNING", show_default=True)
 def fleet_command(
     phones: int,
     data_dir: Path,
@@ -900,8 +946,11 @@ def fleet_command(
     key_pool: bool,
     key_pool_size: int,
     report: Path | None,
+    hold_only: bool,
+    log_level: str,
 ) -> None:
     """Run PHONES simulated phones against the running services and report each outcome."""
+    configure_logging("fleet", level=log_level)
     try:
         config = FleetConfig(
             phones=phones,
@@ -928,8 +977,11 @@ def fleet_command(
             config=config,
             key_pool=key_pool_size if key_pool else None,
             concurrency=concurrency,
+            hold_only=hold_only,
         )
     )
+    if hold_only:
+        return
     fleet.save(data_dir)
     summary = fleet.summary()
     click.echo(format_results(fleet.results, summary))
