@@ -40,3 +40,5 @@ from jpki.worker import worker  # noqa: E402, I001
 main.add_command(worker)
 from jpki.bench.ca import ca_bench  # noqa: E402, I001
 bench.add_command(ca_bench)
+from jpki.bench.transport import transport_bench  # noqa: E402, I001
+bench.add_command(transport_bench)
