@@ -42,3 +42,5 @@ from jpki.bench.ca import ca_bench  # noqa: E402, I001
 bench.add_command(ca_bench)
 from jpki.bench.transport import transport_bench  # noqa: E402, I001
 bench.add_command(transport_bench)
+from jpki.bench.saga import saga_bench  # noqa: E402, I001
+bench.add_command(saga_bench)
