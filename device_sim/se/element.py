@@ -105,8 +105,11 @@ class SecureElement:
         return self.manager.process(command).to_bytes()
 
     def run_script(self, script: Iterable[ScriptCommand]) -> ScriptOutcome:
-        """Run the steps in order from a fresh selection; stop at the first unexpected SW."""
-        self.manager.reset()
+        """Run the steps in order; stop at the first unexpected SW.
+
+        The channel stays open between scripts (the SP-TSM's second round of a two-round
+        session continues the first); a script that needs a fresh start begins with SELECT.
+        """
         responses: list[bytes] = []
         for step in script:
             response = self.transmit(step.apdu)

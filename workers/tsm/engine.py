@@ -313,6 +313,10 @@ class TsmEngine:
                 await self.registry.save(record)
                 continue
             except s.ScriptFailed as exc:
+                if exc.step == "INITIALIZE UPDATE":
+                    # Refused before the SE derived a challenge: its counter did not move.
+                    record.sequence_counter = predicted - 1
+                    await self.registry.save(record)
                 if (
                     exc.step == "INITIALIZE UPDATE"
                     and exc.sw == s.SW_NOT_FOUND

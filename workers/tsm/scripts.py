@@ -229,12 +229,16 @@ def plan_store_certificates(
 
 
 def plan_release(kinds: Sequence[CertificateKind], mode: jpki.TemporaryPinMode) -> OperationPlan:
+    # A re-run finds the PIN already released ('6985'); GET PIN STATUS then tells the truth.
+    again = (OK, SW_CONDITIONS)
     steps: list[Step] = []
     for kind in kinds:
         if mode is jpki.TemporaryPinMode.BLOCKED:  # option 3: lift the block
-            steps.append(Step(f"UNBLOCK PIN {kind.value}", jpki.unblock_pin(PIN_EF[kind])))
+            steps.append(Step(f"UNBLOCK PIN {kind.value}", jpki.unblock_pin(PIN_EF[kind]), again))
         elif mode is jpki.TemporaryPinMode.INITIAL:  # option 4: the special transition
-            steps.append(Step(f"TRANSITION PIN {kind.value}", jpki.transition_pin(PIN_EF[kind])))
+            steps.append(
+                Step(f"TRANSITION PIN {kind.value}", jpki.transition_pin(PIN_EF[kind]), again)
+            )
         steps.append(Step(f"GET PIN STATUS {kind.value}", jpki.get_pin_status(PIN_EF[kind])))
     return OperationPlan("release", JPKI_INSTANCE_AID, tuple(steps))
 
