@@ -4,13 +4,22 @@ management API), so queue names of the routing convention never meet another run
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import AsyncIterator
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
 import pytest
 
+from infra.logging import configure_logging
+
 MANAGEMENT_URL = os.environ.get("JPKI_TEST_RABBITMQ_MANAGEMENT_URL", "http://127.0.0.1:15672")
+
+
+@pytest.fixture(autouse=True)
+def quiet_logs() -> None:
+    """Warnings and errors only: a whole fleet's info lines would cost more than the run."""
+    configure_logging("e2e", level="WARNING", pretty=False, stream=sys.stderr)
 
 
 @pytest.fixture
@@ -18,9 +27,9 @@ async def amqp_vhost_url(amqp_url: str, unique: str) -> AsyncIterator[str]:
     parts = urlsplit(amqp_url)
     user, password = parts.username or "guest", parts.password or "guest"
     vhost = f"jpki-e2e-{unique}"
-    auth = aiohttp.BasicAuth(user, password)
+    headers = {"Authorization": aiohttp.encode_basic_auth(user, password)}
     api = f"{MANAGEMENT_URL}/api"
-    async with aiohttp.ClientSession(auth=auth) as http:
+    async with aiohttp.ClientSession(headers=headers) as http:
         try:
             async with http.put(f"{api}/vhosts/{quote(vhost, safe='')}") as answer:
                 answer.raise_for_status()

@@ -10,8 +10,9 @@ Two passes over every payload:
    alphabet) or hex is decoded and searched for the secret's bytes, so a short secret (the
    4-digit PIN) inside any encoded blob is found at any offset.
 
-A digits-only secret in ASCII must stand alone — not inside a longer run of digits, where a
-timestamp or a counter would match by chance.
+A digits-only secret in ASCII must stand alone — not inside a longer run of digits or of
+base64/hex text, where a timestamp, a counter or random bytes would match by chance (a leak
+of it in a decoded value is pass 2's to find).
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ def patterns(secret: str) -> list[tuple[str, re.Pattern[bytes]]]:
     raw = secret.encode()
     found: list[tuple[str, re.Pattern[bytes]]] = []
     if secret.isdigit():
-        found.append(("ascii", re.compile(rb"(?<![0-9.])" + re.escape(raw) + rb"(?![0-9])")))
+        found.append(("ascii", re.compile(
+            rb"(?<![0-9A-Za-z.+/_-])" + re.escape(raw) + rb"(?![0-9A-Za-z])")))
     else:
         found.append(("ascii", re.compile(re.escape(raw))))
     found.append(("hex", re.compile(re.escape(raw.hex().encode()), re.IGNORECASE)))
@@ -107,7 +109,9 @@ def scan(
     """Every payload where a secret (label → value) occurs. ``allowed``: a regex on
     ``where`` where occurrences are expected (and not reported)."""
     compiled = {label: patterns(value) for label, value in secrets.items()}
-    raw_secrets = {label: value.encode() for label, value in secrets.items()}
+    # in decoded values the same "stands alone" rule as in ASCII: a PIN's digits inside a
+    # certificate's UTCTime or a JSON timestamp are not that PIN
+    in_values = {label: pats[0][1] for label, pats in compiled.items()}
     allow = re.compile(allowed) if allowed else None
     hits: list[Hit] = []
     for item in captured:
@@ -124,8 +128,8 @@ def scan(
                     found.add(label)
                     break  # one hit per secret and payload is enough to name the leak
         for encoding, blob in decoded_values(item.payload):
-            for label, raw in raw_secrets.items():
-                if label not in found and raw in blob:
+            for label, pattern in in_values.items():
+                if label not in found and pattern.search(blob):
                     hits.append(Hit(label, encoding, item.where, "<inside a decoded value>"))
                     found.add(label)
     return hits
