@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from infra.logging import configure_logging
 from jpki.run import local_secret, run_until_signal
 
 data_dir_option = click.option(
@@ -30,8 +31,10 @@ def worker() -> None:
 @data_dir_option
 @amqp_option
 @db_option
-def ca_worker_command(data_dir: Path, amqp_url: str, db_url: str | None) -> None:
+@click.option("--log-level", default="INFO", show_default=True)
+def ca_worker_command(data_dir: Path, amqp_url: str, db_url: str | None, log_level: str) -> None:
     """The JPKI CA worker: the ``ca`` queue (verify, state check, issue, revoke)."""
+    configure_logging("ca", level=log_level)
     from infra.transport.rabbitmq import RabbitMQTransport
     from workers.ca.authority import CertificateAuthority
     from workers.ca.keystore import Passphrase
@@ -50,5 +53,37 @@ def ca_worker_command(data_dir: Path, amqp_url: str, db_url: str | None) -> None
             await ca.stop()
             await transport.close()
             await authority.close()
+
+    run_until_signal(serve())
+
+
+@worker.command("tsm")
+@data_dir_option
+@amqp_option
+@db_option
+@click.option("--log-level", default="INFO", show_default=True)
+def tsm_worker_command(data_dir: Path, amqp_url: str, db_url: str | None, log_level: str) -> None:
+    """The SP-TSM worker: the ``tsm`` queue (inspect, clean up, install, keys, certificates,
+    temporary PINs, release, wipe), reaching each SE over its phone's link."""
+    from infra.db import Database
+    from infra.transport.rabbitmq import RabbitMQTransport
+    from jpki.run import tsm_key_ring
+    from jpki.tsm_worker import TsmWorker
+
+    configure_logging("tsm", level=log_level)
+
+    async def serve() -> None:
+        ring = tsm_key_ring(data_dir)
+        db = Database.for_service("tsm", url=db_url, data_dir=data_dir)
+        transport = RabbitMQTransport(amqp_url, connection_name="tsm")
+        await transport.connect()
+        tsm = TsmWorker(db, transport, ring)
+        try:
+            await tsm.start()
+            await asyncio.Event().wait()
+        finally:
+            await tsm.stop()
+            await transport.close()
+            await db.close()
 
     run_until_signal(serve())

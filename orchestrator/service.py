@@ -84,8 +84,11 @@ async def serve(amqp_url: str, db_url: str | None, data_dir: str) -> None:
 @click.option("--db-url", envvar="JPKI_DB_URL", default=None,
               help="PostgreSQL URL (env JPKI_DB_URL); default SQLite in --data-dir")
 @click.option("--data-dir", default="data", show_default=True)
-def orchestrator_command(amqp_url: str, db_url: str | None, data_dir: str) -> None:
+@click.option("--log-level", default="INFO", show_default=True)
+def orchestrator_command(amqp_url: str, db_url: str | None, data_dir: str, log_level: str) -> None:
     """Run the saga orchestrator on RabbitMQ (and PostgreSQL)."""
+    from infra.logging import configure_logging
     from jpki.run import run_until_signal
 
+    configure_logging(SERVICE, level=log_level)
     run_until_signal(serve(amqp_url, db_url, data_dir))
