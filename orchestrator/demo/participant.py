@@ -96,8 +96,11 @@ class DemoParticipant:
                 logged.add((saga_id, step, kind))
                 effects.append({"saga_id": saga_id, "step": step, "action": kind,
                                 "message_id": message.envelope.message_id, "applied_at": now})
-            replies.append(outgoing(build(reply, saga_id=saga_id,
-                                          causation_id=message.envelope.message_id)))
+            # one reply per command, with an id derived from it: if this transaction is
+            # ever run twice, the orchestrator's inbox sees the same reply twice
+            command_id = message.envelope.message_id
+            replies.append(outgoing(build(reply, saga_id=saga_id, causation_id=command_id,
+                                          message_id=f"{command_id}/reply")))
         if effects:
             await conn.execute(demo_effects.insert(), effects)
         return replies

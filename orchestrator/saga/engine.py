@@ -153,6 +153,7 @@ class SagaEngine:
             batch_size=batch_size, prefetch=prefetch, clock=clock,
         )
         self._timer_interval = timer_interval
+        self._latency_children: dict[tuple[str, str], Any] = {}
         self._timer_full_poll = timer_full_poll
         self._next_timer = 0.0  # earliest fire_at known here: poll at start
         self._timer_task: asyncio.Task[None] | None = None
@@ -317,7 +318,7 @@ class SagaEngine:
         return float("inf") if earliest is None else float(earliest)
 
     async def fire_due_timers(self, limit: int = 256) -> int:
-        """Fire the timers due by the clock's now; returns how many fired."""
+        """Fire the timers due by the clock's now; returns for how many sagas."""
         now = self.clock()
         query = (
             select(saga_timers.c.saga_id, saga_timers.c.kind, saga_timers.c.fire_at,
@@ -348,7 +349,8 @@ class SagaEngine:
                 touched[row.saga_id] = state
             await self._persist(conn, list(touched.values()), fx)
         self._after_commit(fx)
-        return len(due)
+        # timers of sagas another transaction holds stay due for the next poll
+        return len(touched)
 
     # -- persistence -----------------------------------------------------------------------
     async def _load(
@@ -428,9 +430,12 @@ class SagaEngine:
         self.relay.handoff(fx.outgoing)
         self._after_commit_metrics(fx)
 
-    @staticmethod
-    def _after_commit_metrics(fx: Effects) -> None:
+    def _after_commit_metrics(self, fx: Effects) -> None:
         for flow, before, after in fx.transitions:
             SAGA_TRANSITIONS.labels(flow, before or "new", after).inc()
+        histograms = self._latency_children
         for flow, step, seconds in fx.latencies:
-            STEP_LATENCY.labels(flow, step).observe(seconds)
+            child = histograms.get((flow, step))
+            if child is None:
+                child = histograms[(flow, step)] = STEP_LATENCY.labels(flow, step)
+            child.observe(seconds)
