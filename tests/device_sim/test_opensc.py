@@ -200,6 +200,9 @@ def test_phone_applet_auth_certificate_needs_the_pin(served: Path, tmp_path: Pat
     assert b"JPKIAPGPSETOKEN".hex(" ").upper() in token.upper().replace(":", " ")
     refused = run("pkcs15-tool", "--read-certificate", "01", check=False)
     assert "BEGIN CERTIFICATE" not in refused.stdout
+    raw = run("opensc-tool", "--send-apdu", "00A4040C0AD392F000260100000001",
+              "--send-apdu", "00A4020C02000A", "--send-apdu", "00B0000004").stdout
+    assert raw.count("SW1=0x90, SW2=0x00") == 2 and "SW1=0x69, SW2=0x82" in raw
     allowed = run("pkcs15-tool", "--read-certificate", "01", "--verify-pin", "--auth-id", "01",
                   "--pin", PIN).stdout
     assert x509.load_pem_x509_certificate(allowed.encode()) == x509.load_der_x509_certificate(
