@@ -44,3 +44,5 @@ from jpki.bench.transport import transport_bench  # noqa: E402, I001
 bench.add_command(transport_bench)
 from jpki.bench.saga import saga_bench  # noqa: E402, I001
 bench.add_command(saga_bench)
+from jpki.bench.tsm import tsm_bench  # noqa: E402, I001
+bench.add_command(tsm_bench)

@@ -53,6 +53,16 @@ class Figure:
     concurrency: int
     sessions: int
     seconds: float
+    cpu_seconds: float  # this process's CPU time during the measurement
+    se_cpu_seconds: float  # of which the simulated SEs ran scripts
+
+    @property
+    def tsm_cpu_ms(self) -> float:
+        return 1000 * (self.cpu_seconds - self.se_cpu_seconds) / self.sessions
+
+    @property
+    def se_cpu_ms(self) -> float:
+        return 1000 * self.se_cpu_seconds / self.sessions
 
     @property
     def rate(self) -> float:
@@ -169,12 +179,17 @@ class _Bench:
                 if not reply.ok:
                     failures += 1
 
+        se_before = self.link.se_cpu_seconds
+        cpu_before = time.process_time()
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         seconds = time.perf_counter() - started
+        cpu = time.process_time() - cpu_before
         if failures:
             raise click.ClickException(f"{failures} sessions failed in {label}")
-        return Figure(label, concurrency, sessions, seconds)
+        return Figure(
+            label, concurrency, sessions, seconds, cpu, self.link.se_cpu_seconds - se_before
+        )
 
 
 def _cycle(items: list, count: int):  # noqa: ANN202 - a plain generator
@@ -236,13 +251,25 @@ def tsm_bench(
         f"{local.rate:,.0f} sessions/s ({local.sessions} in {local.seconds:.2f} s) — "
         f"{verdict} the {TARGET_IN_PROCESS:,.0f}/s target"
     )
+    click.echo(
+        f"  CPU per session: TSM {local.tsm_cpu_ms:.3f} ms + simulated SE {local.se_cpu_ms:.3f} ms"
+        f"; wall/CPU {local.seconds / local.cpu_seconds:.2f} (above 1: other processes share "
+        f"the CPUs)"
+    )
+    click.echo(
+        f"  one dedicated core: {1000 / (local.tsm_cpu_ms + local.se_cpu_ms):,.0f} sessions/s "
+        f"with the SEs in-process, {1000 / local.tsm_cpu_ms:,.0f} sessions/s of TSM work alone"
+    )
     click.echo(f"simulated phone link, RTT {rtt_ms:g} ms:")
-    click.echo(f"  {'concurrency':>11}  {'sessions/s':>10}  {'ideal c/RTT':>11}  {'sessions':>8}")
+    click.echo(
+        f"  {'concurrency':>11}  {'sessions/s':>10}  {'ideal c/RTT':>11}  {'sessions':>8}"
+        f"  {'TSM CPU ms':>10}"
+    )
     for figure in over_link:
         ideal = figure.concurrency / (rtt_ms / 1000)
         click.echo(
             f"  {figure.concurrency:>11}  {figure.rate:>10,.0f}  {ideal:>11,.0f}  "
-            f"{figure.sessions:>8}"
+            f"{figure.sessions:>8}  {figure.tsm_cpu_ms:>10.3f}"
         )
     best = max(over_link, key=lambda f: f.rate) if over_link else None
     if best is not None:

@@ -91,6 +91,7 @@ class InProcessPhoneLink:
         self.latency = latency
         self.elements: dict[str, SecureElement] = {}
         self.round_trips = 0
+        self.se_cpu_seconds = 0.0  # CPU the simulated SEs spent running scripts
         self.scripts: list[tuple[str, m.SeScript]] = []  # kept only when ``record`` is set
         self.record = False
         self._on_temporary_pins = on_temporary_pins
@@ -107,9 +108,11 @@ class InProcessPhoneLink:
         self.round_trips += 1
         if self.record:
             self.scripts.append((device_id, script))
+        started = time.process_time()
         outcome = element.run_script(
             ScriptCommand(step.apdu, tuple(step.expect)) for step in script.steps
         )
+        self.se_cpu_seconds += time.process_time() - started
         if script.temporary_pins and outcome.completed and self._on_temporary_pins:
             self._on_temporary_pins(device_id, list(script.temporary_pins))
         if self.latency:

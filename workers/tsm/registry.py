@@ -98,6 +98,17 @@ class Registry(Protocol):
     async def finish_operation(self, command_id: str, reply: bytes) -> None: ...
 
 
+_SLOTS = tuple(f.name for f in dataclasses.fields(SeRecord))
+
+
+def _clone(record: SeRecord) -> SeRecord:
+    """A copy (``dataclasses.replace`` costs more than the rest of a lookup)."""
+    copy = object.__new__(SeRecord)
+    for name in _SLOTS:
+        object.__setattr__(copy, name, getattr(record, name))
+    return copy
+
+
 class MemoryRegistry:
     """The registry in a dict (benchmarks, tests, the embedded single-process mode)."""
 
@@ -106,16 +117,16 @@ class MemoryRegistry:
         self._operations: dict[str, OperationRecord] = {}
 
     async def add(self, record: SeRecord) -> None:
-        self._elements.setdefault(record.cin, dataclasses.replace(record))
+        self._elements.setdefault(record.cin, _clone(record))
 
     async def get(self, cin: str) -> SeRecord:
         try:
-            return dataclasses.replace(self._elements[cin])
+            return _clone(self._elements[cin])
         except KeyError:
             raise UnknownSecureElement("secure element not in the registry") from None
 
     async def save(self, record: SeRecord) -> None:
-        self._elements[record.cin] = dataclasses.replace(record)
+        self._elements[record.cin] = _clone(record)
 
     async def operation(self, command_id: str) -> OperationRecord | None:
         record = self._operations.get(command_id)
