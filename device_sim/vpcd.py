@@ -19,13 +19,18 @@ import enum
 import socket
 import struct
 from collections.abc import Callable
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import click
 import structlog
 
 from protocol.apdu import CommandAPDU
 from protocol.errors import JpkiError, MalformedAPDU
+
+if TYPE_CHECKING:
+    from device_sim.card import MyNumberCard
+    from device_sim.se.jpki_applet import Profile
 
 log = structlog.get_logger(__name__)
 
@@ -173,16 +178,19 @@ def card_cli() -> None:
               help="User-authentication PIN (4 digits).")
 @click.option("--sign-password", default="ABC123", show_default=True,
               help="Signing password (6-16 of A-Z, 0-9).")
+@click.option("--ca-dir", type=click.Path(file_okay=False),
+              help="Have the certificates issued (and recorded) by the JPKI CA kept in this "
+                   "directory (passphrase from JPKI_CA_PASSPHRASE[_FILE]); default: a "
+                   "throw-away test card CA.")
 @click.option("--export-certificates", type=click.Path(file_okay=False),
               help="Also write the four certificates (DER) into this directory.")
 @click.option("--verbose", is_flag=True, help="Log every APDU header and status word.")
 def serve_command(
     use_vpcd: bool, phone: bool, host: str, port: int, pin: str, sign_password: str,
-    export_certificates: str | None, verbose: bool,
+    ca_dir: str | None, export_certificates: str | None, verbose: bool,
 ) -> None:
     """Personalise a fresh simulated card and serve it to pcscd until stopped (Ctrl-C)."""
     import logging
-    from pathlib import Path
 
     from device_sim.card import SAMPLE_HOLDER, TestCardCa, manufacture_card
     from device_sim.se.jpki_applet import Profile
@@ -198,11 +206,14 @@ def serve_command(
             rule.check(value)
         except jpki.InvalidPin as exc:
             raise click.BadParameter(str(exc)) from None
-    issuer = TestCardCa(now=lambda: dt.datetime.now(dt.UTC))
-    card = manufacture_card(
-        SAMPLE_HOLDER, issuer, auth_pin=pin, sign_password=sign_password,
-        profile=Profile.PHONE if phone else Profile.CARD,
-    )
+    profile = Profile.PHONE if phone else Profile.CARD
+    if ca_dir:
+        card = asyncio.run(_manufacture_with_system_ca(Path(ca_dir), pin, sign_password, profile))
+    else:
+        card = manufacture_card(
+            SAMPLE_HOLDER, TestCardCa(now=lambda: dt.datetime.now(dt.UTC)), auth_pin=pin,
+            sign_password=sign_password, profile=profile,
+        )
     if export_certificates:
         out = Path(export_certificates)
         out.mkdir(parents=True, exist_ok=True)
@@ -217,3 +228,27 @@ def serve_command(
         asyncio.run(serve(card, host=host, port=port, on_connected=connected))
     except KeyboardInterrupt:
         click.echo("stopped")
+
+
+async def _manufacture_with_system_ca(
+    ca_dir: Path, pin: str, sign_password: str, profile: Profile
+) -> MyNumberCard:
+    """A card whose certificates the JPKI CA issued and recorded, so it verifies them later."""
+    import uuid
+
+    from device_sim.card import SAMPLE_HOLDER, manufacture_card
+    from device_sim.fleet import CaCardFactory
+    from workers.ca.authority import CertificateAuthority
+    from workers.ca.keystore import Passphrase
+
+    authority = await CertificateAuthority.open(ca_dir, Passphrase.from_environment())
+    try:
+        factory = CaCardFactory(authority)
+        card = manufacture_card(
+            SAMPLE_HOLDER, factory.issuer_for(f"vpcd-{uuid.uuid4().hex[:12]}"), auth_pin=pin,
+            sign_password=sign_password, profile=profile,
+        )
+        await factory.record()
+    finally:
+        await authority.close()
+    return card

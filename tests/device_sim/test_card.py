@@ -224,3 +224,23 @@ async def test_vpcd_serve_against_a_fake_reader(card: MyNumberCard) -> None:
     assert got[1] == b"\x90\x00" and got[2] == b"\x90\x00"
     assert got[3][:-2].rstrip(b" ") == b"JPKIAPICCTOKEN2" and got[3][-2:] == b"\x90\x00"
     assert connections == 2
+
+
+async def test_card_served_with_the_system_ca(tmp_path, monkeypatch) -> None:
+    """``jpki card serve --ca-dir``: the JPKI CA issues and records the card's certificates."""
+    from workers.ca.authority import CertificateAuthority
+    from workers.ca.keystore import Passphrase
+    from workers.ca.profiles import Holder
+
+    monkeypatch.setenv("JPKI_CA_PASSPHRASE", "card-serve-test-passphrase")
+    card = await vpcd._manufacture_with_system_ca(tmp_path, PIN, PASSWORD, Profile.CARD)
+    assert tx(card, jpki.select_ap()).ok
+    auth = x509.load_der_x509_certificate(read_file(card, EF.AUTH_CERT))
+    authority = await CertificateAuthority.open(tmp_path, Passphrase(b"card-serve-test-passphrase"))
+    try:
+        records = await authority.certificates(holder=Holder.CARD)
+        serials = {record.serial for record in records}
+        assert f"{auth.serial_number:040X}" in serials and len(records) == 2
+    finally:
+        await authority.close()
+    assert auth.issuer.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value == "JPKI-TEST"
