@@ -299,6 +299,11 @@ class RabbitMQTransport(Transport):
         subscription = _RabbitSubscription(channel, amqp_queue)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
+            if not subscription.active:
+                # Delivered just before the cancel and not started yet: the channel's
+                # close returns it to the queue. Handling it now could overtake
+                # earlier messages the cancel interrupted (and that come back first).
+                return
             task = asyncio.current_task()
             if task is not None:
                 subscription.tasks.add(task)
