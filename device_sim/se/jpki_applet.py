@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import enum
-import hmac
 import json
 import os
 import random
@@ -96,19 +95,25 @@ class PooledKeys:
         self._keys = self._load_or_create(size)
 
     def _load_or_create(self, size: int) -> list[rsa.RSAPrivateKey]:
-        if self.path.exists():
-            blobs = json.loads(self.path.read_text())["keys"]
-            keys = [_load_key(blob) for blob in blobs]
+        try:
+            keys = [_load_key(blob) for blob in json.loads(self.path.read_text())["keys"]]
             if len(keys) == size:
                 return keys
+        except FileNotFoundError:
+            pass
+        except (ValueError, KeyError, TypeError, JpkiError):
+            log.warning("jpki_applet.key_pool_unreadable", pool=self.path.name)
         keys = [GeneratedKeys().new_key() for _ in range(size)]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({
+        # Parallel test workers may build the same pool: each writes its own file, the
+        # last rename wins, and every file renamed in is complete.
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+        content = json.dumps({
             "warning": "pre-generated test keys for benchmarks; never use for real issuance",
             "keys": [_dump_key(k) for k in keys],
-        }))
-        tmp.chmod(0o600)
+        })
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
+            out.write(content)
         tmp.replace(self.path)
         return keys
 
@@ -235,7 +240,7 @@ class JpkiApplet:
             return _status(StatusWord.INCORRECT_P1P2)
         if command.p1 == 0x04:
             # SELECT by AID reaching the applet itself (a card without a card manager).
-            if hmac.compare_digest(command.data, self.aid):
+            if command.data == self.aid:
                 return self.on_select()
             return _status(StatusWord.FILE_NOT_FOUND)
         if command.p1 != 0x02:

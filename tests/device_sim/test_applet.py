@@ -515,3 +515,11 @@ def test_no_secret_in_repr_or_in_responses(phone: JpkiApplet, ca: TestCardCa) ->
         for secret in (d, p, numbers.d.to_bytes(256, "big"), numbers.p.to_bytes(128, "big"),
                        b"4321"):
             assert secret not in data
+
+
+def test_an_unreadable_key_pool_is_rebuilt(tmp_path) -> None:
+    pool = PooledKeys(size=1, directory=tmp_path)
+    pool.path.write_text("{not json")
+    rebuilt = PooledKeys(size=1, directory=tmp_path)
+    assert rebuilt.new_key().key_size == 2048
+    assert json.loads(pool.path.read_text())["warning"].startswith("pre-generated test keys")
