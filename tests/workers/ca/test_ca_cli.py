@@ -132,3 +132,69 @@ async def test_the_ca_runs_on_postgresql(pg_url, unique, tmp_path, keys, clock) 
     finally:
         await ca.close()
         await db.drop_schema()
+
+
+async def test_ocsp_serve_command_answers_over_http(env, tmp_path, keys, clock) -> None:
+    """``jpki ocsp serve`` as its own process: CRL download and an OCSP answer."""
+    import socket
+    import sys
+
+    import aiohttp
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509 import ocsp
+
+    data = tmp_path / "data"
+    ca = await CertificateAuthority.open(data, PASSPHRASE, new_key=keys, clock=clock)
+    card = await issue_card(ca, keys)
+    await ca.revoke(card.certs.auth.serial, Cause.CARD_LOST)
+    await ca.close()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    jpki = os.path.join(os.path.dirname(sys.executable), "jpki")
+    process = await asyncio.create_subprocess_exec(
+        jpki,
+        "ocsp",
+        "serve",
+        "--data-dir",
+        str(data),
+        "--port",
+        str(port),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        async with aiohttp.ClientSession() as session:
+            for _ in range(600):  # a loaded machine can take seconds to import and start
+                try:
+                    async with session.get(url + "crl/auth.crl") as response:
+                        crl = x509.load_der_x509_crl(await response.read())
+                        break
+                except aiohttp.ClientConnectionError:
+                    await asyncio.sleep(0.1)
+            else:
+                process.terminate()
+                _, err = await process.communicate()
+                pytest.fail(f"jpki ocsp serve did not start listening: {err.decode()[-2000:]}")
+            assert crl.get_revoked_certificate_by_serial_number(int(card.certs.auth.serial, 16))
+            request = (
+                ocsp.OCSPRequestBuilder()
+                .add_certificate(
+                    card.certs.auth.certificate,
+                    x509.load_der_x509_certificate(card.certs.auth.ca_der),
+                    hashes.SHA256(),
+                )
+                .build()
+            )
+            async with session.post(
+                url,
+                data=request.public_bytes(serialization.Encoding.DER),
+                headers={"Content-Type": "application/ocsp-request"},
+            ) as response:
+                answer = ocsp.load_der_ocsp_response(await response.read())
+        assert answer.certificate_status is ocsp.OCSPCertStatus.REVOKED
+        assert answer.revocation_reason is x509.ReasonFlags.key_compromise
+    finally:
+        process.terminate()
+        await process.wait()
