@@ -35,6 +35,7 @@ from typing import Any
 
 import structlog
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509 import ocsp
@@ -1149,7 +1150,9 @@ class CertificateAuthority:
         try:
             request = ocsp.load_der_ocsp_request(request_der)
             algorithm = request.hash_algorithm
-        except (ValueError, TypeError, NotImplementedError):
+            serial = request.serial_number
+            request.extensions  # noqa: B018 - parse now: a bad extension is a bad request
+        except (ValueError, TypeError, UnsupportedAlgorithm, x509.DuplicateExtension):
             return _unsuccessful(ocsp.OCSPResponseStatus.MALFORMED_REQUEST)
         issuer = next(
             (
@@ -1162,7 +1165,7 @@ class CertificateAuthority:
         if issuer is None:
             return _unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED)
         async with self._db.transaction() as conn:
-            record = await self._certificate(conn, serial_hex(request.serial_number))
+            record = await self._certificate(conn, serial_hex(serial))
         if (
             record is None
             or record.ca_kind is not issuer.kind

@@ -308,8 +308,9 @@ def key_identifier(cert: x509.Certificate) -> bytes:
 
 
 def authority_key_identifier(cert: x509.Certificate) -> bytes | None:
+    """The AKI key id, or None when absent or unparsable (a stranger's certificate)."""
     try:
         ext = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
-    except x509.ExtensionNotFound:
+    except (x509.ExtensionNotFound, x509.DuplicateExtension, ValueError):
         return None
     return ext.value.key_identifier
