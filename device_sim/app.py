@@ -33,6 +33,7 @@ import structlog
 
 from device_sim.se.element import ScriptCommand, ScriptOutcome
 from orchestrator import messages as om
+from orchestrator.flows.pin_options import UserCode, strategy
 from protocol import jpki as jp
 from protocol.apdu import CommandAPDU, ResponseAPDU
 from protocol.envelope import Message, build
@@ -60,6 +61,7 @@ class SecretKind(enum.StrEnum):
     AUTH_PIN = "auth_pin"  # the phone's user-authentication PIN (4 digits)
     SIGNING_PASSWORD = "signing_password"  # the phone's signing password (6-16 [A-Z0-9])
     TEMPORARY_PIN = "temporary_pin"
+    PUK = "puk"  # option 6: handed to the user, who types it with the new PIN
 
 
 class Secret:
@@ -111,6 +113,8 @@ class ScreenId(enum.StrEnum):
     ISSUING = "issuing"  # phase 3: keys and certificates being made (no input)
     SET_AUTH_PIN = "set_auth_pin"  # phase 3: choose the phone's user-authentication PIN
     SET_SIGNING_PASSWORD = "set_signing_password"  # phase 3: choose the phone's signing password
+    DELIVERED_CODE = "delivered_code"  # phase 3, options 1 and 6: the user is handed a code
+    ENTER_CODE = "enter_code"  # phase 3, options 1 and 6: the user types that code
     READY = "ready"  # phase 4
     REFUSED = "refused"  # not eligible, with the reason
     FAILED = "failed"  # issuance failed, with the reason
@@ -141,6 +145,8 @@ class Screen:
     text: str
     inputs: tuple[Input, ...] = ()
     notice: str = ""  # e.g. "wrong password, 4 tries left"
+    # Options 1 and 6: the code handed to the user (a letter in a real rollout).
+    shown: Secret | None = field(default=None, repr=False, compare=False)
 
 
 def _rule_text(rule: jp.PinRule) -> str:
@@ -232,6 +238,36 @@ def set_pin_screen(kind: om.CertificateKind, notice: str = "") -> Screen:
                 rule=SIGNING_PASSWORD_RULE,
             ),
         ),
+        notice,
+    )
+
+
+CODE_NAMES = {UserCode.TEMPORARY_PIN: "temporary PIN", UserCode.PUK: "PUK"}
+
+
+def _pin_name(kind: om.CertificateKind) -> str:
+    return "user-authentication PIN" if kind is om.CertificateKind.AUTH else "signing password"
+
+
+def delivered_code_screen(kind: om.CertificateKind, code: UserCode, secret: Secret) -> Screen:
+    """Options 1 and 6: the code the user must keep and type (the seed's extra user step)."""
+    return Screen(
+        ScreenId.DELIVERED_CODE,
+        3,
+        f"Your {CODE_NAMES[code]}",
+        f"Keep this {CODE_NAMES[code]} for your {_pin_name(kind)}; you will type it next.",
+        (Input("ok", InputKind.ACKNOWLEDGE, "I have it"),),
+        shown=secret,
+    )
+
+
+def enter_code_screen(kind: om.CertificateKind, code: UserCode, notice: str = "") -> Screen:
+    return Screen(
+        ScreenId.ENTER_CODE,
+        3,
+        f"Enter your {CODE_NAMES[code]}",
+        f"Type the {CODE_NAMES[code]} you were given for your {_pin_name(kind)}.",
+        (Input("code", InputKind.SECRET, CODE_NAMES[code].capitalize()),),
         notice,
     )
 
@@ -395,6 +431,7 @@ class Step(enum.StrEnum):
     """Where the issuance stands, from the app's side."""
 
     CHOOSING = "choosing"
+    COLLECTING_PINS = "collecting_pins"  # option 5: the real PINs, typed at application
     ENROLLED = "enrolled"  # enrolment sent; phase 2 runs as TSM scripts on the SE
     CARD_PASSWORD = "card_password"
     TAP_CARD = "tap_card"
@@ -415,6 +452,8 @@ class Issuance:
     card_password: Secret | None = field(default=None, repr=False)
     go_ahead: om.PinSettingGoAhead | None = None
     temporary_pins: dict[om.CertificateKind, Secret] = field(default_factory=dict, repr=False)
+    puks: dict[om.CertificateKind, Secret] = field(default_factory=dict, repr=False)  # option 6
+    new_pins: dict[om.CertificateKind, Secret] = field(default_factory=dict, repr=False)
     pins_to_set: list[om.CertificateKind] = field(default_factory=list)
     result: om.Result | None = None
 
@@ -549,6 +588,8 @@ class AppCore:
             ScreenId.TAP_CARD: self._on_card_tap,
             ScreenId.SET_AUTH_PIN: self._on_new_pin,
             ScreenId.SET_SIGNING_PASSWORD: self._on_new_pin,
+            ScreenId.DELIVERED_CODE: self._on_code_delivered,
+            ScreenId.ENTER_CODE: self._on_code,
             ScreenId.LOGIN_PIN: self._on_login_pin,
             ScreenId.READY: lambda _values: [],
             ScreenId.REFUSED: lambda _values: [],
@@ -565,6 +606,15 @@ class AppCore:
             return [self._show(welcome_screen())]
         issuance.certificates = choice
         issuance.pin_option = om.PinOption(values.get("pin_option", om.DEFAULT_PIN_OPTION))
+        if strategy(issuance.pin_option).real_pin_at_application:
+            # Option 5: the real PINs first; the app holds them until the SE is ready.
+            issuance.step = Step.COLLECTING_PINS
+            issuance.pins_to_set = sorted(set(choice))
+            return [self._show(set_pin_screen(issuance.pins_to_set[0]))]
+        return self._enrol(issuance)
+
+    def _enrol(self, issuance: Issuance) -> list[Action]:
+        choice = issuance.certificates
         issuance.step = Step.ENROLLED
         self.storage.last_application_id = issuance.application_id
         enrolment = om.Enrolment(
@@ -638,7 +688,8 @@ class AppCore:
         ]
         if script.temporary_pins and outcome.completed:
             pins = {pin.kind: pin.pin.encode("ascii") for pin in script.temporary_pins}
-            actions += self.temporary_pins_received(message.envelope.saga_id, pins)
+            puks = {p.kind: p.puk.encode("ascii") for p in script.temporary_pins if p.puk}
+            actions += self.temporary_pins_received(message.envelope.saga_id, pins, puks)
         return actions
 
     def _current(self, message: Message) -> Issuance | None:
@@ -732,7 +783,10 @@ class AppCore:
     # -- phase 3: local PIN setting ------------------------------------------------------
 
     def temporary_pins_received(
-        self, saga_id: str | None, pins: Mapping[om.CertificateKind, bytes]
+        self,
+        saga_id: str | None,
+        pins: Mapping[om.CertificateKind, bytes],
+        puks: Mapping[om.CertificateKind, bytes] | None = None,
     ) -> list[Action]:
         """The TSM's temporary PIN(s), for this saga. Never shown; wiped once used."""
         issuance = self.issuance
@@ -749,6 +803,9 @@ class AppCore:
         for kind, pin in pins.items():
             self._wipe(issuance.temporary_pins.pop(kind, None))
             issuance.temporary_pins[kind] = Secret(pin, SecretKind.TEMPORARY_PIN, self._clock())
+        for kind, puk in (puks or {}).items():
+            self._wipe(issuance.puks.pop(kind, None))
+            issuance.puks[kind] = Secret(puk, SecretKind.PUK, self._clock())
         return self._maybe_ask_pins(issuance)
 
     def _on_go_ahead(self, message: Message, go_ahead: om.PinSettingGoAhead) -> list[Action]:
@@ -766,10 +823,102 @@ class AppCore:
             return []  # the TSM's message has not arrived yet
         issuance.pins_to_set = sorted(set(go_ahead.certificates))
         issuance.step = Step.SETTING_PINS
-        return [self._show(set_pin_screen(issuance.pins_to_set[0]))]
+        if strategy(issuance.pin_option).real_pin_at_application:
+            return self._set_held_pins(issuance)
+        return self._ask_pin(issuance)
+
+    def _ask_pin(self, issuance: Issuance) -> list[Action]:
+        kind = issuance.pins_to_set[0]
+        code = strategy(issuance.pin_option).user_code
+        if code is UserCode.NONE:
+            return [self._show(set_pin_screen(kind))]
+        held = issuance.puks if code is UserCode.PUK else issuance.temporary_pins
+        secret = held.get(kind)
+        if secret is None:
+            return self._abort(om.AbortStage.PIN_SETTING, om.Reason.PIN_SETTING_FAILED)
+        return [self._show(delivered_code_screen(kind, code, secret))]
+
+    def _on_code_delivered(self, values: Mapping[str, Any]) -> list[Action]:
+        """The user has the code; the app no longer keeps its copy."""
+        issuance = self._expect(Step.SETTING_PINS)
+        kind = issuance.pins_to_set[0]
+        self._wipe(issuance.puks.pop(kind, None))
+        self._wipe(issuance.temporary_pins.pop(kind, None))
+        return [self._show(set_pin_screen(kind))]
+
+    def _set_held_pins(self, issuance: Issuance) -> list[Action]:
+        """Option 5: VERIFY the temporary PIN and CHANGE it to the PIN typed at application."""
+        while issuance.pins_to_set:
+            kind = issuance.pins_to_set[0]
+            temporary = issuance.temporary_pins.pop(kind)
+            failed = self._put_first_pin(issuance, kind, temporary, with_puk=False)
+            if failed:
+                return failed
+        return self._pins_done(issuance)
+
+    def _on_code(self, values: Mapping[str, Any]) -> list[Action]:
+        """Options 1 and 6: the user typed the code; a wrong one costs a try and is asked again."""
+        issuance = self._expect(Step.SETTING_PINS)
+        kind = issuance.pins_to_set[0]
+        code = strategy(issuance.pin_option).user_code
+        secret = self._secret(values.get("code", ""), SecretKind(code.value))
+        failed = self._put_first_pin(issuance, kind, secret, with_puk=code is UserCode.PUK)
+        if failed:
+            return failed
+        if issuance.pins_to_set:
+            return self._ask_pin(issuance)
+        return self._pins_done(issuance)
+
+    def _put_first_pin(
+        self, issuance: Issuance, kind: om.CertificateKind, code: Secret, *, with_puk: bool
+    ) -> list[Action]:
+        """The first PIN onto the SE with ``code`` (temporary PIN, or PUK for option 6).
+
+        Returns nothing on success (``kind`` leaves ``pins_to_set``), else what to show.
+        """
+        new_pin = issuance.new_pins[kind]
+        try:
+            if self.se is None:
+                raise CardError(StatusWord.CONDITIONS_NOT_SATISFIED, "no secure element")
+            _run_ok(self.se, jp.select_ap(), "SELECT AP")
+            if with_puk:
+                _run_ok(self.se, jp.select_ef(PIN_EF_OF[kind]), "SELECT EF")
+                command = jp.reset_retry_counter_with_puk(code.reveal(), new_pin.reveal())
+                sw = _exchange(self.se, command).sw
+            else:
+                sw = verify_pin(self.se, PIN_EF_OF[kind], code)
+                if sw == StatusWord.OK:
+                    sw = _exchange(self.se, jp.change_reference_data(new_pin.reveal())).sw
+            _exchange(self.se, jp.select_ap())
+        except CardError as exc:
+            sw = exc.sw
+        self._wipe(code)
+        tries = jp.tries_from_sw(sw)
+        user_code = strategy(issuance.pin_option).user_code
+        if tries and user_code is not UserCode.NONE:
+            log.info("code_mistyped", device_id=self.device.device_id, tries_left=tries)
+            notice = f"Wrong {CODE_NAMES[user_code]}: {tries} tries left."
+            return [self._show(enter_code_screen(kind, user_code, notice))]
+        if sw != StatusWord.OK:
+            self._wipe(issuance.new_pins.pop(kind))
+            log.info("pin_setting_failed", device_id=self.device.device_id, sw=f"{sw:04X}")
+            return self._abort(om.AbortStage.PIN_SETTING, om.Reason.PIN_SETTING_FAILED, sw)
+        self._wipe(issuance.new_pins.pop(kind))
+        issuance.pins_to_set.pop(0)
+        return []
+
+    def _pins_done(self, issuance: Issuance) -> list[Action]:
+        issuance.step = Step.CONFIRMING
+        certificates = sorted(set(issuance.go_ahead.certificates)) if issuance.go_ahead else []
+        return [
+            Send(om.PinsSet(certificates=certificates), saga_id=issuance.application_id),
+            self._show(progress_screen(ScreenId.ISSUING, 3, "Activating your certificates.")),
+        ]
 
     def _on_new_pin(self, values: Mapping[str, Any]) -> list[Action]:
-        issuance = self._expect(Step.SETTING_PINS)
+        issuance = self.issuance
+        if issuance is None or issuance.step is not Step.COLLECTING_PINS:
+            issuance = self._expect(Step.SETTING_PINS)
         kind = issuance.pins_to_set[0]
         new_pin = self._secret(values.get("pin", ""), NEW_PIN_KIND[kind])
         confirm = self._secret(values.get("confirm", ""), NEW_PIN_KIND[kind])
@@ -783,32 +932,23 @@ class AppCore:
         if notice:
             self._wipe(new_pin)
             return [self._show(set_pin_screen(kind, notice))]
+        self._wipe(issuance.new_pins.pop(kind, None))
+        issuance.new_pins[kind] = new_pin
+        if issuance.step is Step.COLLECTING_PINS:
+            issuance.pins_to_set.pop(0)
+            if issuance.pins_to_set:
+                return [self._show(set_pin_screen(issuance.pins_to_set[0]))]
+            return self._enrol(issuance)
+        code = strategy(issuance.pin_option).user_code
+        if code is not UserCode.NONE:
+            return [self._show(enter_code_screen(kind, code))]
         temporary = issuance.temporary_pins.pop(kind)
-        try:
-            if self.se is None:
-                raise CardError(StatusWord.CONDITIONS_NOT_SATISFIED, "no secure element")
-            _run_ok(self.se, jp.select_ap(), "SELECT AP")
-            sw = verify_pin(self.se, PIN_EF_OF[kind], temporary)
-            if sw != StatusWord.OK:
-                raise CardError(sw, "VERIFY temporary PIN")
-            _run_ok(self.se, jp.change_reference_data(new_pin.reveal()), "CHANGE REFERENCE DATA")
-            _exchange(self.se, jp.select_ap())
-        except CardError as exc:
-            self._wipe(temporary)
-            self._wipe(new_pin)
-            log.info("pin_setting_failed", device_id=self.device.device_id, sw=f"{exc.sw:04X}")
-            return self._abort(om.AbortStage.PIN_SETTING, om.Reason.PIN_SETTING_FAILED, exc.sw)
-        self._wipe(temporary)
-        self._wipe(new_pin)
-        issuance.pins_to_set.pop(0)
+        failed = self._put_first_pin(issuance, kind, temporary, with_puk=False)
+        if failed:
+            return failed
         if issuance.pins_to_set:
             return [self._show(set_pin_screen(issuance.pins_to_set[0]))]
-        issuance.step = Step.CONFIRMING
-        certificates = sorted(set(issuance.go_ahead.certificates)) if issuance.go_ahead else []
-        return [
-            Send(om.PinsSet(certificates=certificates), saga_id=issuance.application_id),
-            self._show(progress_screen(ScreenId.ISSUING, 3, "Activating your certificates.")),
-        ]
+        return self._pins_done(issuance)
 
     # -- endings -------------------------------------------------------------------------
 
@@ -819,9 +959,7 @@ class AppCore:
         if issuance is None:
             return []
         self._wipe(issuance.card_password)
-        for pin in issuance.temporary_pins.values():
-            self._wipe(pin)
-        issuance.temporary_pins.clear()
+        self._wipe_pin_secrets(issuance)
         issuance.step = Step.DONE
         result = om.Result(outcome=om.Outcome.CANCELLED, phase=self.storage.phase, reason=reason)
         issuance.result = result
@@ -834,14 +972,18 @@ class AppCore:
             Finished("issuance", result.outcome.value, result.phase, reason.value),
         ]
 
+    def _wipe_pin_secrets(self, issuance: Issuance) -> None:
+        for held in (issuance.temporary_pins, issuance.puks, issuance.new_pins):
+            for secret in held.values():
+                self._wipe(secret)
+            held.clear()
+
     def _on_result(self, message: Message, result: om.Result) -> list[Action]:
         issuance = self._current(message)
         if issuance is None or issuance.step is Step.DONE:
             return []
         self._wipe(issuance.card_password)
-        for pin in issuance.temporary_pins.values():
-            self._wipe(pin)
-        issuance.temporary_pins.clear()
+        self._wipe_pin_secrets(issuance)
         issuance.step = Step.DONE
         issuance.result = result
         self.storage.phase = result.phase
@@ -925,6 +1067,7 @@ class VirtualUser:
         self.actions = 0
         self.screens_answered: list[ScreenId] = []
         self._slipped: set[ScreenId] = set()
+        self._code = b""  # options 1 and 6: the code the app handed over, typed back once
 
     def _slip(self, screen: ScreenId) -> bool:
         if screen in self.script.typos and screen not in self._slipped:
@@ -946,6 +1089,12 @@ class VirtualUser:
         if screen.id in (ScreenId.SET_AUTH_PIN, ScreenId.SET_SIGNING_PASSWORD):
             pin = script.auth_pin if screen.id is ScreenId.SET_AUTH_PIN else script.signing_password
             return {"pin": pin, "confirm": _mistyped(pin) if self._slip(screen.id) else pin}
+        if screen.id is ScreenId.DELIVERED_CODE and screen.shown is not None:
+            self._code = screen.shown.reveal()
+            return {"ok": True}
+        if screen.id is ScreenId.ENTER_CODE:
+            code = self._code.decode("ascii")
+            return {"code": _mistyped(code) if self._slip(screen.id) else code}
         if screen.id is ScreenId.LOGIN_PIN:
             return {"pin": _mistyped(script.auth_pin) if self._slip(screen.id) else script.auth_pin}
         return {}
