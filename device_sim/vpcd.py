@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import enum
+import os
 import socket
 import struct
 from collections.abc import Callable
@@ -25,12 +26,20 @@ from typing import TYPE_CHECKING, Protocol
 import click
 import structlog
 
+from device_sim.card import (
+    SAMPLE_HOLDER,
+    CardIssuer,
+    MyNumberCard,
+    TestCardCa,
+    manufacture_card,
+)
+from device_sim.se.jpki_applet import JpkiApplet, Profile
+from protocol import jpki
 from protocol.apdu import CommandAPDU
 from protocol.errors import JpkiError, MalformedAPDU
 
 if TYPE_CHECKING:
-    from device_sim.card import MyNumberCard
-    from device_sim.se.jpki_applet import Profile
+    from device_sim.se.element import SecureElement
 
 log = structlog.get_logger(__name__)
 
@@ -160,6 +169,93 @@ async def serve(
         log.info("vpcd.disconnected")
 
 
+# --- what gets served ------------------------------------------------------------------------
+
+
+class SecureElementInReader:
+    """A phone's secure element put in a PC/SC reader: the card manager answers, and routes
+    SELECT of the JPKI AID and everything after it to the applet, as on the phone."""
+
+    def __init__(self, element: SecureElement, atr: bytes) -> None:
+        self.element = element
+        self.atr = atr
+
+    def reset(self) -> bytes:
+        self.element.manager.reset()
+        return self.atr
+
+    def transmit(self, apdu: bytes) -> bytes:
+        return self.element.transmit(apdu)
+
+
+def personalised_phone_element(
+    issuer: CardIssuer, pin: str, sign_password: str, random_bytes: Callable[[int], bytes]
+) -> tuple[SecureElementInReader, JpkiApplet]:
+    """A phone SE as the SP-TSM leaves it after a new issuance, PINs set by the user.
+
+    Install, key generation and certificate storage run as the SP-TSM's own SCP03 scripts
+    (one round trip each); the user's PINs are then set locally, VERIFY of the temporary PIN
+    and CHANGE REFERENCE DATA in clear, as the app does.
+    """
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+    from device_sim.card import CardCertificateRequest
+    from device_sim.se.jpki_applet import JpkiAppletFactory
+    from protocol.apdu import ResponseAPDU
+    from workers.tsm import scripts
+    from workers.tsm.keys import MasterKeyRing, MasterKeys
+    from workers.tsm.provisioning import manufacture_secure_element
+
+    kvn = 0x01
+    ring = MasterKeyRing({kvn: MasterKeys.generate(kvn, random_bytes=random_bytes)}, kvn)
+    cin = random_bytes(10)
+    element = manufacture_secure_element(ring, cin, JpkiAppletFactory(Profile.PHONE),
+                                         random=random_bytes)
+    access = scripts.SeAccess(ring.current_keys.static_keys_for(cin), kvn, cin)
+
+    def run(plan: scripts.OperationPlan) -> list[ResponseAPDU]:
+        session = scripts.ScriptSession(plan, access, random=random_bytes)
+        counter = element.manager.domains[scripts.SP_SD_AID].sequence_counter + 1
+        wire = session.offline_script(counter)
+        return session.verify_offline([element.transmit(step.apdu) for step in wire])
+
+    kinds = (scripts.CertificateKind.AUTH, scripts.CertificateKind.SIGN)
+    run(scripts.plan_install())
+    challenges = [random_bytes(32) for _ in kinds]
+    answers = run(scripts.plan_generate_keys(kinds, "vpcd-phone", challenges))
+    auth, sign = (
+        scripts.interpret_generated_key(kind, challenge, answer)
+        for kind, challenge, answer in zip(kinds, challenges, answers[1:], strict=True)
+    )
+    auth_key, sign_key = (load_der_public_key(k.public_key_der) for k in (auth, sign))
+    if not isinstance(auth_key, rsa.RSAPublicKey) or not isinstance(sign_key, rsa.RSAPublicKey):
+        raise VpcdProtocolError("the applet generated a key that is not RSA")
+    certificates = issuer(CardCertificateRequest(SAMPLE_HOLDER, auth_key, sign_key))
+    temporary = {
+        scripts.CertificateKind.AUTH: f"{int.from_bytes(random_bytes(2), 'big') % 10_000:04d}",
+        scripts.CertificateKind.SIGN: random_bytes(6).hex().upper(),
+    }
+    run(scripts.plan_store_certificates(
+        [(kinds[0], certificates.auth_certificate, certificates.auth_ca_certificate),
+         (kinds[1], certificates.sign_certificate, certificates.sign_ca_certificate)],
+        jpki.TemporaryPinMode.USABLE,
+        [scripts.TemporaryPinValue(kind, value) for kind, value in temporary.items()],
+    ))
+    for kind, final in ((kinds[0], pin), (kinds[1], sign_password)):
+        for command in (jpki.select_ap(), jpki.select_ef(scripts.PIN_EF[kind]),
+                        jpki.verify(temporary[kind].encode()),
+                        jpki.change_reference_data(final.encode())):
+            jpki.expect_ok(ResponseAPDU.from_bytes(element.transmit(command.to_bytes())),
+                           "local PIN setting")
+    applet = element.manager.applications[jpki.AID].applet
+    if not isinstance(applet, JpkiApplet):
+        raise VpcdProtocolError("the installed applet is not the JPKI applet")
+    reader = SecureElementInReader(element, jpki.CARD_ATR)
+    reader.reset()
+    return reader, applet
+
+
 # --- CLI: jpki card serve --vpcd -------------------------------------------------------------
 
 
@@ -192,10 +288,6 @@ def serve_command(
     """Personalise a fresh simulated card and serve it to pcscd until stopped (Ctrl-C)."""
     import logging
 
-    from device_sim.card import SAMPLE_HOLDER, TestCardCa, manufacture_card
-    from device_sim.se.jpki_applet import Profile
-    from protocol import jpki
-
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.DEBUG if verbose else logging.INFO
@@ -206,23 +298,28 @@ def serve_command(
             rule.check(value)
         except jpki.InvalidPin as exc:
             raise click.BadParameter(str(exc)) from None
-    profile = Profile.PHONE if phone else Profile.CARD
+    if phone and ca_dir:
+        raise click.UsageError("--ca-dir issues card certificates; a phone's come from an "
+                               "issuance saga (jpki run)")
+    card: VirtualCard
     if ca_dir:
-        card = asyncio.run(_manufacture_with_system_ca(Path(ca_dir), pin, sign_password, profile))
+        card = asyncio.run(_manufacture_with_system_ca(Path(ca_dir), pin, sign_password))
+        applet = card.applet
+    elif phone:
+        card, applet = personalised_phone_element(_test_ca(), pin, sign_password, os.urandom)
     else:
-        card = manufacture_card(
-            SAMPLE_HOLDER, TestCardCa(now=lambda: dt.datetime.now(dt.UTC)), auth_pin=pin,
-            sign_password=sign_password, profile=profile,
-        )
+        card = manufacture_card(SAMPLE_HOLDER, _test_ca(), auth_pin=pin,
+                                sign_password=sign_password)
+        applet = card.applet
     if export_certificates:
         out = Path(export_certificates)
         out.mkdir(parents=True, exist_ok=True)
         for ef in jpki.CERTIFICATE_EFS:
-            (out / f"{ef:04X}.der").write_bytes(card.applet.files[ef])
-    what = "phone JPKI applet" if phone else "My Number Card"
+            (out / f"{ef:04X}.der").write_bytes(applet.files[ef])
+    what = "phone's secure element with its JPKI applet" if phone else "My Number Card"
 
     def connected() -> None:
-        click.echo(f"serving a {what} on vpcd {host}:{port} (Ctrl-C to stop)", err=False)
+        click.echo(f"serving a {what} on vpcd {host}:{port} (Ctrl-C to stop)")
 
     try:
         asyncio.run(serve(card, host=host, port=port, on_connected=connected))
@@ -230,13 +327,14 @@ def serve_command(
         click.echo("stopped")
 
 
-async def _manufacture_with_system_ca(
-    ca_dir: Path, pin: str, sign_password: str, profile: Profile
-) -> MyNumberCard:
+def _test_ca() -> TestCardCa:
+    return TestCardCa(now=lambda: dt.datetime.now(dt.UTC))
+
+
+async def _manufacture_with_system_ca(ca_dir: Path, pin: str, sign_password: str) -> MyNumberCard:
     """A card whose certificates the JPKI CA issued and recorded, so it verifies them later."""
     import uuid
 
-    from device_sim.card import SAMPLE_HOLDER, manufacture_card
     from device_sim.fleet import CaCardFactory
     from workers.ca.authority import CertificateAuthority
     from workers.ca.keystore import Passphrase
@@ -246,7 +344,7 @@ async def _manufacture_with_system_ca(
         factory = CaCardFactory(authority)
         card = manufacture_card(
             SAMPLE_HOLDER, factory.issuer_for(f"vpcd-{uuid.uuid4().hex[:12]}"), auth_pin=pin,
-            sign_password=sign_password, profile=profile,
+            sign_password=sign_password,
         )
         await factory.record()
     finally:

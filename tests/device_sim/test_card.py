@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import struct
 
 import pytest
@@ -233,7 +234,7 @@ async def test_card_served_with_the_system_ca(tmp_path, monkeypatch) -> None:
     from workers.ca.profiles import Holder
 
     monkeypatch.setenv("JPKI_CA_PASSPHRASE", "card-serve-test-passphrase")
-    card = await vpcd._manufacture_with_system_ca(tmp_path, PIN, PASSWORD, Profile.CARD)
+    card = await vpcd._manufacture_with_system_ca(tmp_path, PIN, PASSWORD)
     assert tx(card, jpki.select_ap()).ok
     auth = x509.load_der_x509_certificate(read_file(card, EF.AUTH_CERT))
     authority = await CertificateAuthority.open(tmp_path, Passphrase(b"card-serve-test-passphrase"))
@@ -244,3 +245,26 @@ async def test_card_served_with_the_system_ca(tmp_path, monkeypatch) -> None:
     finally:
         await authority.close()
     assert auth.issuer.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)[0].value == "JPKI-TEST"
+
+
+def test_phone_secure_element_for_the_reader(ca: TestCardCa) -> None:
+    """``jpki card serve --phone``: the SE as the SP-TSM's scripts left it, PINs set locally."""
+    reader, applet = vpcd.personalised_phone_element(ca, PIN, PASSWORD, os.urandom)
+    assert reader.reset() == jpki.CARD_ATR
+    assert applet.owner_reference() == "vpcd-phone"
+    assert applet.pin_status(EF.AUTH_PIN) == jpki.PinStatus(PinState.SET, 3, 3, 0)
+    assert applet.pin_status(EF.SIGN_PIN) == jpki.PinStatus(PinState.SET, 5, 5, 0)
+
+    def send(command: CommandAPDU) -> ResponseAPDU:
+        return ResponseAPDU.from_bytes(reader.transmit(command.to_bytes()))
+
+    assert send(jpki.select_ap()).ok
+    assert send(jpki.select_ef(EF.TOKEN)).ok
+    assert jpki.parse_token(send(jpki.read_binary(0, 32)).data) == "JPKIAPGPSETOKEN"
+    assert send(jpki.select_ef(EF.AUTH_CERT)).ok
+    assert send(jpki.read_binary(0, 4)).sw == 0x6982
+    assert send(jpki.select_ef(EF.AUTH_PIN)).ok
+    assert send(jpki.verify(PIN.encode())).ok
+    assert send(jpki.select_ef(EF.AUTH_CERT)).ok
+    assert send(jpki.read_binary(0, 4)).ok
+    assert send(jpki.generate_key_pair(EF.AUTH_KEY, bytes(16))).sw == 0x6982  # no SCP03

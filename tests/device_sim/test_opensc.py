@@ -195,6 +195,7 @@ def test_wrong_pins_count_down_and_block(served: Path, label: str, slot: str, wr
 
 @pytest.mark.parametrize("served", [True], indirect=True, ids=["phone"])
 def test_phone_applet_auth_certificate_needs_the_pin(served: Path, tmp_path: Path) -> None:
+    """The phone's SE (card manager + applet, personalised by SP-TSM scripts) in the reader."""
     token = run("opensc-tool", "--send-apdu", "00A4040C0AD392F000260100000001",
                 "--send-apdu", "00A4020C020006", "--send-apdu", "00B0000020").stdout
     assert b"JPKIAPGPSETOKEN".hex(" ").upper() in token.upper().replace(":", " ")
@@ -205,6 +206,11 @@ def test_phone_applet_auth_certificate_needs_the_pin(served: Path, tmp_path: Pat
     assert raw.count("SW1=0x90, SW2=0x00") == 2 and "SW1=0x69, SW2=0x82" in raw
     allowed = run("pkcs15-tool", "--read-certificate", "01", "--verify-pin", "--auth-id", "01",
                   "--pin", PIN).stdout
-    assert x509.load_pem_x509_certificate(allowed.encode()) == x509.load_der_x509_certificate(
-        (served / "000A.der").read_bytes()
-    )
+    certificate = x509.load_der_x509_certificate((served / "000A.der").read_bytes())
+    assert x509.load_pem_x509_certificate(allowed.encode()) == certificate
+    data, signature = tmp_path / "login.txt", tmp_path / "login.sig"
+    data.write_bytes(b"phase-4 login challenge")
+    run("pkcs11-tool", "--slot-index", "0", "--login", "--pin", PIN, "--sign",
+        "-m", "SHA256-RSA-PKCS", "--id", "01", "-i", str(data), "-o", str(signature))
+    certificate.public_key().verify(signature.read_bytes(), data.read_bytes(),
+                                    padding.PKCS1v15(), hashes.SHA256())
