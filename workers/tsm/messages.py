@@ -22,6 +22,7 @@ import msgspec
 
 from orchestrator.messages import CertificateKind, PinOption, SeIdentity
 from protocol.envelope import message_type
+from protocol.errors import Disposition
 
 CommandId = Annotated[str, msgspec.Meta(pattern="^[A-Za-z0-9_.:-]{1,128}$")]
 OwnerReference = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
@@ -54,6 +55,11 @@ class Failure(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def transient(self) -> bool:
         return self.code in TRANSIENT_ERRORS
+
+    @property
+    def disposition(self) -> Disposition:
+        """What the saga engine reads to retry (transient) or compensate (rejected)."""
+        return Disposition.TRANSIENT if self.transient else Disposition.REJECTED
 
 
 class TsmCommand(msgspec.Struct, frozen=True, kw_only=True):
