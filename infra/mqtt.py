@@ -133,7 +133,9 @@ class MqttSession:
                     f"MQTT broker {self._address.hostname}:{self._address.port} not reachable"
                 ) from None
 
-    async def close(self) -> None:
+    async def close(self, *, forget: bool = False) -> None:
+        """Disconnect. The broker keeps the session (subscriptions, queued messages) for
+        our return, unless ``forget``: then it is ended for good (a disposed phone)."""
         self._closing = True
         if self._task is not None:
             self._task.cancel()
@@ -143,6 +145,21 @@ class MqttSession:
             task.cancel()
         await asyncio.gather(*self._handlers, return_exceptions=True)
         self.connected.clear()
+        if forget:
+            # MQTT 3.1.1 §3.1.2.4: connecting with CleanSession=1 discards the old session.
+            try:
+                async with aiomqtt.Client(
+                    self._address.hostname,
+                    self._address.port,
+                    username=self._address.username,
+                    password=self._address.password,
+                    identifier=self.identifier,
+                    clean_session=True,
+                    protocol=aiomqtt.ProtocolVersion.V311,
+                ):
+                    pass
+            except aiomqtt.MqttError as exc:
+                log.warning("mqtt.forget_failed", client_id=self.identifier, error=str(exc))
 
     def _new_client(self) -> aiomqtt.Client:
         client = aiomqtt.Client(
@@ -312,6 +329,6 @@ class MqttPhoneLink(PhoneLink):
         check_from_phone(message, self.device_id)
         await self._session.publish(up_topic(self.device_id, self._root), encode(message))
 
-    async def close(self) -> None:
+    async def close(self, *, forget: bool = False) -> None:
         if self._session is not None:
-            await self._session.close()
+            await self._session.close(forget=forget)

@@ -51,7 +51,8 @@ class PhoneLink(ABC):
         """Send up; returns once the broker (or the transport) has it."""
 
     @abstractmethod
-    async def close(self) -> None: ...
+    async def close(self, *, forget: bool = False) -> None:
+        """Disconnect; messages sent meanwhile wait for the phone, unless ``forget``."""
 
 
 async def deliver_down(device_id: str, raw: bytes, on_message: DownHandler) -> None:
@@ -119,8 +120,10 @@ class InProcessPhoneHub:
         self._handlers[device_id] = on_message
         del self._waiting[device_id]
 
-    def detach(self, device_id: str) -> None:
+    def detach(self, device_id: str, *, forget: bool = False) -> None:
         self._handlers.pop(device_id, None)
+        if forget:
+            self._waiting.pop(device_id, None)
 
     async def send_up(self, device_id: str, message: Message) -> None:
         await self._bus.publish(check_from_phone(message, device_id))
@@ -137,5 +140,5 @@ class InProcessPhoneLink(PhoneLink):
     async def send(self, message: Message) -> None:
         await self._hub.send_up(self.device_id, message)
 
-    async def close(self) -> None:
-        self._hub.detach(self.device_id)
+    async def close(self, *, forget: bool = False) -> None:
+        self._hub.detach(self.device_id, forget=forget)

@@ -128,11 +128,12 @@ class Gateway:
         ]
         log.info("gateway.started", gateway=self.name)
 
-    async def stop(self) -> None:
+    async def stop(self, *, forget: bool = False) -> None:
+        """Stop; ``forget`` also ends the MQTT session (a gateway retired for good)."""
         for subscription in self._subscriptions:
             await subscription.cancel()
         self._subscriptions = []
-        await self._mqtt.close()
+        await self._mqtt.close(forget=forget)
         log.info("gateway.stopped", gateway=self.name)
 
     # --- up: phone -> AMQP -------------------------------------------------------------

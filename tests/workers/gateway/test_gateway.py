@@ -130,9 +130,9 @@ async def test_up_messages_from_many_phones_cross_both_gateways(env: Env) -> Non
         assert first.stats.up + second.stats.up >= 100
     finally:
         for link in phones.values():
-            await link.close()
-        await first.stop()
-        await second.stop()
+            await link.close(forget=True)
+        await first.stop(forget=True)
+        await second.stop(forget=True)
 
 
 class PhoneInbox:
@@ -183,8 +183,9 @@ async def test_down_messages_keep_per_device_order_through_a_gateway_failover(en
         assert active.stats.down > 0 and standby.stats.down > 0
     finally:
         for link in links:
-            await link.close()
-        await standby.stop()
+            await link.close(forget=True)
+        await active.stop(forget=True)
+        await standby.stop(forget=True)
 
 
 async def test_malformed_up_messages_are_parked_listed_and_replayed(env: Env) -> None:
@@ -231,4 +232,4 @@ async def test_malformed_up_messages_are_parked_listed_and_replayed(env: Env) ->
         assert [m.envelope.message_id for m in received.messages] == [good.envelope.message_id]
     finally:
         await raw_phone.close()
-        await gateway.stop()
+        await gateway.stop(forget=True)

@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from infra.bus import Bus, RetryBackoff
-from infra.mqtt import MqttPhoneLink, MqttSession
+from infra.mqtt import MqttPhoneLink
 from infra.transport.base import Outgoing, TransportError
 from infra.transport.inprocess import InProcessTransport
 from protocol.envelope import Message, build, message_type
@@ -91,9 +91,5 @@ async def test_unconfirmed_up_message_survives_a_gateway_crash(mqtt_url: str, un
         assert [m.envelope.message_id for m in got] == [sent.envelope.message_id]
         assert revived.stats.up == 1
     finally:
-        await phone.close()
-        await revived.stop()
-        # leave no persistent gateway session behind on the shared broker
-        cleaner = MqttSession(mqtt_url, identifier=f"jpki-gateway-g-{unique}", clean_session=True)
-        await cleaner.start()
-        await cleaner.close()
+        await phone.close(forget=True)
+        await revived.stop(forget=True)
