@@ -12,6 +12,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import load_der_public_key
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from device_sim.card import SAMPLE_HOLDER, CardCertificateRequest, TestCardCa
 from device_sim.se.applet_api import CommandContext
@@ -22,6 +24,7 @@ from device_sim.se.jpki_applet import (
     PooledKeys,
     Profile,
 )
+from device_sim.se.pin import Pin
 from protocol import jpki
 from protocol.apdu import CommandAPDU, ResponseAPDU
 from protocol.jpki import EF, PinState, TemporaryPinMode
@@ -523,3 +526,45 @@ def test_an_unreadable_key_pool_is_rebuilt(tmp_path) -> None:
     rebuilt = PooledKeys(size=1, directory=tmp_path)
     assert rebuilt.new_key().key_size == 2048
     assert json.loads(pool.path.read_text())["warning"].startswith("pre-generated test keys")
+
+
+INSTRUCTIONS = [0xA4, 0xB0, 0x20, 0x24, 0x2C, 0x2A, 0x46, 0xD6, 0x30, 0x32, 0x34, 0x36, 0x38,
+                0x3A, 0x3C, 0xCA, 0x00]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    commands=st.lists(
+        st.tuples(
+            st.sampled_from([0x00, 0x04, 0x0C, 0x10, 0x80, 0x84, 0x90, 0xA0]),
+            st.sampled_from(INSTRUCTIONS),
+            st.integers(0, 0xFF) | st.sampled_from([0x00, 0x01, 0x02, 0x04]),
+            st.integers(0, 0xFF) | st.sampled_from([0x0C, 0x80, 0x17, 0x18, 0x1A, 0x1B]),
+            st.binary(max_size=300) | st.sampled_from([b"\x00\x18", b"\x00\x17", b"\x00\x0A"]),
+            st.none() | st.integers(1, 65536),
+            st.booleans(),
+        ),
+        max_size=25,
+    )
+)
+def test_any_command_sequence_gets_a_status_word(fuzz_base: JpkiApplet, commands) -> None:
+    """Bad input gets a status word, never an exception (both sides of the secure channel)."""
+    applet = JpkiApplet(Profile.PHONE, fuzz_base.key_source)
+    applet.files = dict(fuzz_base.files)
+    applet._keys = dict(fuzz_base._keys)  # keys are immutable: sharing them is safe
+    applet.pins = {ef: Pin.from_state(pin.rule, pin.to_state())
+                   for ef, pin in fuzz_base.pins.items()}
+    applet.on_select()
+    for cla, ins, p1, p2, data, le, secure in commands:
+        command = CommandAPDU(cla, ins, p1, p2, data, le)
+        response = applet.process(command, SECURE if secure else PLAIN)
+        assert 0x6100 <= response.sw <= 0x9000
+        if not secure and cla & 0x80 and ins not in (0x2A,) and response.sw != 0x6D00:
+            assert response.sw == 0x6982  # personalisation outside SCP03
+
+
+@pytest.fixture(scope="module")
+def fuzz_base(keys: list[rsa.RSAPrivateKey], ca: TestCardCa) -> JpkiApplet:
+    applet = JpkiApplet(Profile.PHONE, KeyList(keys))
+    personalise(applet, ca)
+    return applet
