@@ -526,7 +526,7 @@ class CardManager:
             0xF0: self._set_status,
             0xD8: self._put_key,
             0xE2: self._store_data,
-            0xCA: self._get_data,
+            0xCA: lambda _sd, get_data: self._get_data(get_data),
         }
         handler = handlers.get(command.ins)
         if handler is None:

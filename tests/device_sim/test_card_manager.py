@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from device_sim.se.card_manager import (
     ISD_AID,
@@ -147,6 +149,14 @@ def test_get_data_cplc_and_key_information(se: SecureElement) -> None:
         bytes.fromhex(f"C004{key_id:02X}308810") for key_id in (1, 2, 3)
     )
     assert send(se, CommandAPDU(0x80, 0xCA, 0x00, 0x99, le=256)).sw == NOT_FOUND
+
+
+def test_get_data_inside_a_session_is_protected(se: SecureElement) -> None:
+    auth = open_session(se, SP_SD_AID)
+    wrapped = auth.wrap(CommandAPDU(0x80, 0xCA, 0x00, 0x45, le=256))
+    raw = ResponseAPDU.from_bytes(se.transmit(wrapped.to_bytes()))
+    assert CIN not in raw.data  # R-ENC
+    assert auth.unwrap(raw).data == b"\x45\x0a" + CIN
 
 
 @pytest.mark.parametrize(
@@ -546,3 +556,40 @@ def test_key_material_is_not_in_reprs(se: SecureElement) -> None:
     keys = _keys(0x30, 0x5A)
     assert keys.enc.hex() not in repr(keys).lower()
     assert SP_KEYS.enc.hex() not in repr(se.manager.domains[SP_SD_AID]).lower()
+
+
+# -- any bytes in, a status word out ------------------------------------------------------------
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    frames=st.lists(
+        st.one_of(
+            st.binary(max_size=40),
+            st.builds(
+                lambda cla, ins, p1, p2, data: bytes((cla, ins, p1, p2, len(data))) + data,
+                st.sampled_from([0x00, 0x04, 0x80, 0x84, 0x01, 0x40]),
+                st.sampled_from([0xA4, 0x50, 0x82, 0xE6, 0xE4, 0xF2, 0xF0, 0xD8, 0xE2, 0xCA,
+                                 0x20, 0x24, 0xB0, 0x2A, 0x46, 0xD6, 0x30, 0x3C, 0x99]),
+                st.integers(0, 255),
+                st.integers(0, 255),
+                st.binary(max_size=60),
+            ),
+        ),
+        max_size=12,
+    ),
+    authenticate=st.booleans(),
+)
+def test_any_frame_gets_a_status_word(
+    load_file: LoadFile, frames: list[bytes], authenticate: bool
+) -> None:
+    se = SecureElement.manufacture(
+        cin=CIN, isd_keys=ISD_KEYS, sp_sd_keys=SP_KEYS, load_files=[load_file]
+    )
+    if authenticate:
+        installed(se)
+    for frame in frames:
+        response = se.transmit(frame)
+        assert len(response) >= 2
