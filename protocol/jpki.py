@@ -71,10 +71,11 @@ class PinRule:
         if not self.min_length <= len(pin) <= self.max_length or not re.fullmatch(
             f"[{self.alphabet}]+", pin
         ):
-            raise InvalidPin(
-                f"{self.name} must be {self.min_length}-{self.max_length} characters "
-                f"of [{self.alphabet}]"
+            length = (
+                str(self.min_length) if self.min_length == self.max_length
+                else f"{self.min_length}-{self.max_length}"
             )
+            raise InvalidPin(f"{self.name} must be {length} characters of [{self.alphabet}]")
         return pin.encode("ascii")
 
     def accepts(self, pin: str | bytes) -> bool:
