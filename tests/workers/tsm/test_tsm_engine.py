@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import random
 import time
 
 import msgspec
@@ -599,3 +600,50 @@ async def test_a_thousand_concurrent_sessions_overlap_the_link_latency(ring: Mas
     # One after the other this is 1000 x 100 ms = 100 s; concurrently, the CPU time of the
     # sessions plus one round trip.
     assert elapsed < 25, f"{elapsed:.1f} s"
+
+
+class ManglingLink(InProcessPhoneLink):
+    """Answers with flipped bits, cut responses, missing or extra answers (seeded)."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.rng = random.Random(seed)
+
+    async def exchange(self, device_id: str, script: m.SeScript) -> m.SeScriptResult:
+        result = await super().exchange(device_id, script)
+        responses = list(result.responses)
+        index = self.rng.randrange(len(responses))
+        mode = self.rng.randrange(4)
+        if mode == 0:
+            flipped = bytearray(responses[index])
+            flipped[self.rng.randrange(len(flipped))] ^= 1 << self.rng.randrange(8)
+            responses[index] = bytes(flipped)
+        elif mode == 1:
+            responses[index] = responses[index][: self.rng.randrange(len(responses[index]))]
+        elif mode == 2:
+            responses = responses[:index]
+        else:
+            responses.append(self.rng.randbytes(self.rng.randrange(1, 6)))
+        return m.SeScriptResult(script_id=result.script_id, responses=responses,
+                                completed=bool(self.rng.getrandbits(1)))
+
+
+async def test_mangled_answers_never_crash_the_engine(ring: MasterKeyRing) -> None:
+    world = World(ring, ManglingLink(seed=2026))
+    world.link.record = False
+    phones = [world.phone(pooled=True) for _ in range(20)]
+    codes: set[m.ErrorCode] = set()
+    for phone in phones:
+        for command in (
+            phone.command(m.InspectSe),
+            phone.command(m.InstallApplet),
+            phone.command(m.GenerateKeys, certificates=[AUTH, SIGN], owner_reference="z"),
+            phone.command(m.ResetPin, certificates=[SIGN]),
+            phone.command(m.RotateKeys, new_kvn=0x31),
+            phone.command(m.CleanUpSe),
+        ):
+            reply = await world.run(command)
+            assert reply.command_id == command.command_id
+            if reply.failure is not None:
+                codes.add(reply.failure.code)
+    assert m.ErrorCode.SECURE_CHANNEL in codes
