@@ -40,6 +40,10 @@ class Script(msgspec.Struct, frozen=True):
     apdus: list[str]
 
 
+def sample(name: str, **labels: str) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 class Flaky(JpkiError):
     disposition = Disposition.TRANSIENT
 
@@ -151,14 +155,14 @@ async def test_undecodable_message_is_parked_with_its_reason(
     bus, _ = make_bus(transport)
     inbox = Inbox()
     await bus.subscribe("tsm", inbox)
-    before = metrics.PARKED.labels("tsm", "invalid")._value.get()
+    before = sample("jpki_messages_parked_total", queue="tsm", reason="invalid")
     await transport.publish([Outgoing("tsm.cmd.bustest_ping", raw, "bad-1")])
     await settle()
     (parked,) = await transport.parked("tsm")
     assert parked.reason.startswith(reason_start), parked.reason
     assert (parked.message_id, parked.body) == ("bad-1", raw)
     assert inbox.messages == []
-    assert metrics.PARKED.labels("tsm", "invalid")._value.get() == before + 1
+    assert sample("jpki_messages_parked_total", queue="tsm", reason="invalid") == before + 1
     # the consumer survived: a good message still gets through
     await bus.publish(build(Ping(2)))
     await asyncio.wait_for(inbox.arrived.wait(), 2)
@@ -249,18 +253,16 @@ async def test_handler_runs_with_message_context_bound(transport: Transport) -> 
 
 async def test_metrics_count_in_and_out(transport: Transport) -> None:
     bus, _ = make_bus(transport)
-    out_before = metrics.MESSAGES_OUT.labels("tsm.cmd.bustest_ping")._value.get()
-    in_before = metrics.MESSAGES_IN.labels("tsm", "tsm.cmd.bustest_ping", "ack")._value.get()
+    out_before = sample("jpki_messages_out_total", type="tsm.cmd.bustest_ping")
+    acked = {"queue": "tsm", "type": "tsm.cmd.bustest_ping", "outcome": "ack"}
+    in_before = sample("jpki_messages_in_total", **acked)
     inbox = Inbox()
     await bus.subscribe("tsm", inbox)
     await bus.publish(*(build(Ping(n)) for n in range(3)))
     await settle()
     assert len(inbox.messages) == 3
-    assert metrics.MESSAGES_OUT.labels("tsm.cmd.bustest_ping")._value.get() == out_before + 3
-    assert (
-        metrics.MESSAGES_IN.labels("tsm", "tsm.cmd.bustest_ping", "ack")._value.get()
-        == in_before + 3
-    )
+    assert sample("jpki_messages_out_total", type="tsm.cmd.bustest_ping") == out_before + 3
+    assert sample("jpki_messages_in_total", **acked) == in_before + 3
     metrics.update_queue_depths(await transport.queue_depths())
-    assert metrics.QUEUE_DEPTH.labels("tsm")._value.get() == 0
-    assert metrics.PARKING_LOT_SIZE.labels("tsm")._value.get() == 0
+    assert sample("jpki_queue_depth", queue="tsm") == 0
+    assert sample("jpki_parking_lot_messages", queue="tsm") == 0

@@ -19,8 +19,9 @@ async def test_queue_depth_gauges_follow_the_transport() -> None:
     watch = asyncio.create_task(metrics.watch_queue_depths(transport.queue_depths, every=0.01))
     await asyncio.sleep(0.05)
     watch.cancel()
-    assert metrics.QUEUE_DEPTH.labels("metrics-q")._value.get() == 3
-    assert metrics.PARKING_LOT_SIZE.labels("metrics-q")._value.get() == 1
+    sample = metrics.REGISTRY.get_sample_value
+    assert sample("jpki_queue_depth", {"queue": "metrics-q"}) == 3
+    assert sample("jpki_parking_lot_messages", {"queue": "metrics-q"}) == 1
 
 
 def test_metrics_server_serves_the_project_registry() -> None:
