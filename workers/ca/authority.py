@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -39,7 +40,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509 import ocsp
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import and_, bindparam, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -101,6 +102,24 @@ from workers.ca.revocation import (
 from workers.ca.state_check import ExistingCertificate, StateCheck, decide_branch
 
 log = structlog.get_logger("ca")
+
+# Issuance reads the application, its card certificate and any certificate the saga already
+# has in one statement; every join is an equality on an indexed column.
+_CARD = t.certificates.alias("card")
+_OWN = t.certificates.alias("own")
+_ISSUE_READ = (
+    select(
+        t.applications,
+        *(column.label(f"cardcert_{column.name}") for column in _CARD.columns),
+        *(column.label(f"own_{column.name}") for column in _OWN.columns),
+    )
+    .select_from(
+        t.applications.outerjoin(_CARD, _CARD.c.serial == t.applications.c.card_serial).outerjoin(
+            _OWN, _OWN.c.saga_id == t.applications.c.saga_id
+        )
+    )
+    .where(t.applications.c.saga_id == bindparam("saga_id"))
+)
 
 Clock = Callable[[], datetime]
 RandomBytes = Callable[[int], bytes]
@@ -274,6 +293,11 @@ class CertificateAuthority:
         self._new_key = new_key
         self._issuers: dict[tuple[CaKind, int], Issuer] = {}
         self._active: dict[CaKind, int] = {}
+        # One signing thread a CPU: RSA signing releases the GIL only in part, and more
+        # threads than CPUs measurably slow it down.
+        self._signer = ThreadPoolExecutor(
+            max_workers=os.cpu_count() or 1, thread_name_prefix="ca-sign"
+        )
 
     def __repr__(self) -> str:
         return f"CertificateAuthority({self._db!r}, generations={sorted(self._issuers)})"
@@ -317,6 +341,7 @@ class CertificateAuthority:
         return ca
 
     async def close(self) -> None:
+        self._signer.shutdown(wait=True)
         await self._db.close()
 
     @property
@@ -726,9 +751,6 @@ class CertificateAuthority:
         transaction fails instead and its message is retried, which then finds the stored
         certificates).
         """
-        types = [request.cert_type for request in requests]
-        if not requests or len(set(types)) != len(types):
-            raise InvalidRequest("ask for one or two distinct certificate types")
         if conn is not None:
             return await self._issue_in(conn, saga_id, requests)
         try:
@@ -736,46 +758,39 @@ class CertificateAuthority:
                 return await self._issue_in(own, saga_id, requests)
         except IntegrityError:
             async with self._db.transaction() as own:
-                plan = await self._plan_issue(own, saga_id, requests)
+                plan = await self.plan_issue(own, saga_id, requests)
             if plan.to_sign:
                 raise
-            return [plan.results[cert_type] for cert_type in plan.order]
+            return plan.answer()
 
     async def _issue_in(
         self, conn: AsyncConnection, saga_id: str, requests: Sequence[KeyRequest]
     ) -> list[IssuedCertificate]:
-        plan = await self._plan_issue(conn, saga_id, requests)
-        await self._sign_planned(plan)
-        return await self._store_planned(conn, plan)
+        plan = await self.plan_issue(conn, saga_id, requests)
+        await self.sign_issue(plan)
+        return await self.store_issue(conn, plan)
 
-    async def _plan_issue(
+    async def plan_issue(
         self, conn: AsyncConnection, saga_id: str, requests: Sequence[KeyRequest]
-    ) -> _IssuePlan:
+    ) -> IssuePlan:
+        """Issuance, part 1 of 3: read and check everything; raises every refusal.
+
+        ``issue`` runs the three parts in a row; the worker runs part 2 of a run of
+        consecutive issue commands in parallel (``CaService``)."""
+        types = [request.cert_type for request in requests]
+        if not requests or len(set(types)) != len(types):
+            raise InvalidRequest("ask for one or two distinct certificate types")
         now = self._clock()
-        app, cert = t.applications, t.certificates
-        joined = (
-            await conn.execute(
-                select(app, *(column.label(f"c_{column.name}") for column in cert.columns))
-                .select_from(
-                    app.outerjoin(
-                        cert,
-                        or_(cert.c.serial == app.c.card_serial, cert.c.saga_id == app.c.saga_id),
-                    )
-                )
-                .where(app.c.saga_id == saga_id)
-            )
-        ).all()
+        joined = (await conn.execute(_ISSUE_READ, {"saga_id": saga_id})).all()
         if not joined:
             raise ApplicationNotVerified("no verified application for this saga")
         verified = _verified_row(joined[0])
-        rows = [_prefixed(row, "c_") for row in joined if row.c_serial is not None]
-        card = next(
-            (CertificateRecord.from_row(r) for r in rows if r.serial == verified.card_serial), None
-        )
-        if card is None:
+        if joined[0].cardcert_serial is None:
             raise CertificateNotFound("the application's card certificate is gone")
-        existing = {CertType(r.cert_type): r for r in rows if r.saga_id == saga_id}
-        plan = _IssuePlan(
+        card = CertificateRecord.from_row(_prefixed(joined[0], "cardcert_"))
+        rows = [_prefixed(row, "own_") for row in joined if row.own_serial is not None]
+        existing = {CertType(r.cert_type): r for r in rows}
+        plan = IssuePlan(
             saga_id=saga_id, verified=verified, card=card, now=now, order=types_of(requests)
         )
         for request in requests:
@@ -802,7 +817,8 @@ class CertificateAuthority:
             plan.to_sign.append((request.cert_type, key, self.issuer(request.cert_type.ca_kind)))
         return plan
 
-    async def _sign_planned(self, plan: _IssuePlan) -> None:
+    async def sign_issue(self, plan: IssuePlan) -> None:
+        """Issuance, part 2 of 3: sign, off the event loop, touching no storage."""
         if not plan.to_sign:
             return
 
@@ -812,15 +828,14 @@ class CertificateAuthority:
                 for cert_type, key, issuer in plan.to_sign
             ]
 
-        plan.signed = await asyncio.to_thread(sign_all)
+        plan.signed = await asyncio.get_running_loop().run_in_executor(self._signer, sign_all)
         for cert, issuer in plan.signed:
             plan.results[CertType(issuer.kind.value)] = self._issued(
                 cert, CertType(issuer.kind.value), issuer
             )
 
-    async def _store_planned(
-        self, conn: AsyncConnection, plan: _IssuePlan
-    ) -> list[IssuedCertificate]:
+    async def store_issue(self, conn: AsyncConnection, plan: IssuePlan) -> list[IssuedCertificate]:
+        """Issuance, part 3 of 3: store what was signed; the answer in request order."""
         if plan.signed:
             await conn.execute(
                 insert(t.certificates),
@@ -844,7 +859,7 @@ class CertificateAuthority:
                 se=plan.verified.se.cin,
                 serials=[serial_hex(cert.serial_number) for cert, _ in plan.signed],
             )
-        return [plan.results[cert_type] for cert_type in plan.order]
+        return plan.answer()
 
     def _build_phone_certificate(
         self,
@@ -1281,7 +1296,7 @@ def _spki(cert: x509.Certificate) -> bytes:
 
 
 @dataclass
-class _IssuePlan:
+class IssuePlan:
     """What one issuance found (read), must sign, and signed."""
 
     saga_id: str
@@ -1292,6 +1307,9 @@ class _IssuePlan:
     results: dict[CertType, IssuedCertificate] = field(default_factory=dict)
     to_sign: list[tuple[CertType, rsa.RSAPublicKey, Issuer]] = field(default_factory=list)
     signed: list[tuple[x509.Certificate, Issuer]] = field(default_factory=list)
+
+    def answer(self) -> list[IssuedCertificate]:
+        return [self.results[cert_type] for cert_type in self.order]
 
 
 def types_of(requests: Sequence[KeyRequest]) -> list[CertType]:

@@ -25,7 +25,13 @@ from infra.transport.base import Outgoing, Transport
 from protocol.envelope import Message, build
 from protocol.errors import Disposition
 from workers.ca import messages as m
-from workers.ca.authority import CertificateAuthority, KeyRequest, StatusChange
+from workers.ca.authority import (
+    CertificateAuthority,
+    IssuedCertificate,
+    IssuePlan,
+    KeyRequest,
+    StatusChange,
+)
 from workers.ca.errors import CaError, InvalidRequest
 from workers.ca.profiles import Holder
 from workers.ca.revocation import Cause, Status
@@ -55,14 +61,47 @@ class CaService:
     async def handle_batch(
         self, conn: AsyncConnection, messages: list[Message]
     ) -> Sequence[Outgoing]:
-        replies: list[Outgoing] = []
+        """Answer a batch in order. A run of consecutive issue commands is read and checked
+        one by one, signed in parallel (the signatures are the expensive part and need no
+        storage), then stored one by one; any other command ends the run first, so every
+        command still sees the effects of those before it."""
+        replies: list[Outgoing | None] = []
+        run: list[tuple[int, Message, IssuePlan]] = []
         for message in messages:
-            reply = await self.handle(conn, message)
-            if reply is not None:
-                replies.append(reply)
-        return replies
+            if not isinstance(message.body, m.IssueCertificates):
+                await self._finish_run(conn, run, replies)
+                replies.append(await self.handle(conn, message))
+                continue
+            if any(plan.saga_id == message.envelope.saga_id for _, _, plan in run):
+                await self._finish_run(conn, run, replies)  # a duplicate sees the first's work
+            try:
+                plan = await self.authority.plan_issue(
+                    conn, self._saga(message), _key_requests(message.body)
+                )
+            except CaError as exc:
+                replies.append(self._refusal(message, m.CertificatesIssued, exc))
+                continue
+            replies.append(None)  # filled when the run is finished
+            run.append((len(replies) - 1, message, plan))
+        await self._finish_run(conn, run, replies)
+        return [reply for reply in replies if reply is not None]
+
+    async def _finish_run(
+        self,
+        conn: AsyncConnection,
+        run: list[tuple[int, Message, IssuePlan]],
+        replies: list[Outgoing | None],
+    ) -> None:
+        if not run:
+            return
+        await asyncio.gather(*(self.authority.sign_issue(plan) for _, _, plan in run))
+        for index, message, plan in run:
+            issued = await self.authority.store_issue(conn, plan)
+            replies[index] = self._reply(message, _issued_body(message.body, issued))
+        run.clear()
 
     async def handle(self, conn: AsyncConnection, message: Message) -> Outgoing | None:
+        """Answer one command (``None`` for a message that is not a CA command)."""
         entry = self._handlers.get(type(message.body))
         if entry is None:
             log.warning("ca.unexpected_message", message_type=message.envelope.type)
@@ -75,13 +114,20 @@ class CaService:
                 async with conn.begin_nested():
                     body = await handler(conn, message)
         except CaError as exc:
-            if exc.disposition is Disposition.TRANSIENT:
-                raise
-            log.info("ca.refused", message_type=message.envelope.type, code=exc.code.value)
-            body = reply_type(
-                command_id=message.body.command_id,
-                failure=m.Failure(code=exc.code, detail=str(exc)),
-            )
+            return self._refusal(message, reply_type, exc)
+        return self._reply(message, body)
+
+    def _refusal(self, message: Message, reply_type: type[m.CaReply], exc: CaError) -> Outgoing:
+        if exc.disposition is Disposition.TRANSIENT:
+            raise exc
+        log.info("ca.refused", message_type=message.envelope.type, code=exc.code.value)
+        body = reply_type(
+            command_id=message.body.command_id, failure=m.Failure(code=exc.code, detail=str(exc))
+        )
+        return self._reply(message, body)
+
+    @staticmethod
+    def _reply(message: Message, body: m.CaReply) -> Outgoing:
         reply = build(
             body,
             saga_id=message.envelope.saga_id,
@@ -139,32 +185,8 @@ class CaService:
 
     async def _issue(self, conn: AsyncConnection, message: Message) -> m.CaReply:
         body: m.IssueCertificates = message.body
-        issued = await self.authority.issue(
-            self._saga(message),
-            [
-                KeyRequest(
-                    cert_type=key.kind,
-                    public_key_der=key.public_key_der,
-                    challenge=key.challenge,
-                    proof=key.proof,
-                )
-                for key in body.public_keys
-            ],
-            conn=conn,
-        )
-        return m.CertificatesIssued(
-            command_id=body.command_id,
-            certificates=[
-                m.Certificate(
-                    kind=c.cert_type,
-                    serial=c.serial,
-                    certificate=c.der,
-                    ca_certificate=c.ca_der,
-                    not_after=c.not_after,
-                )
-                for c in issued
-            ],
-        )
+        issued = await self.authority.issue(self._saga(message), _key_requests(body), conn=conn)
+        return _issued_body(body, issued)
 
     async def _select(
         self, conn: AsyncConnection, selection: m.Selection, target: Status, cause: Any
@@ -205,6 +227,34 @@ class CaService:
             raise InvalidRequest("the cascade starts from a card certificate")
         changes = await self.authority.revoke(body.card_serial, body.cause, conn=conn)
         return m.CardCascadeDone(command_id=body.command_id, changes=_changes(changes))
+
+
+def _key_requests(body: m.IssueCertificates) -> list[KeyRequest]:
+    return [
+        KeyRequest(
+            cert_type=key.kind,
+            public_key_der=key.public_key_der,
+            challenge=key.challenge,
+            proof=key.proof,
+        )
+        for key in body.public_keys
+    ]
+
+
+def _issued_body(body: m.IssueCertificates, issued: list[IssuedCertificate]) -> m.CaReply:
+    return m.CertificatesIssued(
+        command_id=body.command_id,
+        certificates=[
+            m.Certificate(
+                kind=c.cert_type,
+                serial=c.serial,
+                certificate=c.der,
+                ca_certificate=c.ca_der,
+                not_after=c.not_after,
+            )
+            for c in issued
+        ],
+    )
 
 
 def _changes(changes: list[StatusChange]) -> list[m.StatusChange]:
