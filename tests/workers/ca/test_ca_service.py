@@ -187,3 +187,44 @@ async def test_refusals_are_typed_replies_and_change_nothing(running, ca, keys) 
     assert (await harness.reply()).body.failure.code is CaErrorCode.INVALID_REQUEST
     assert all(r.status is Status.VALID for r in await ca.certificates(holder=Holder.PHONE))
     assert nonce  # consumed by saga-2 only
+
+
+async def test_a_batch_keeps_the_order_of_effects(ca, keys) -> None:
+    """Issues are signed together, but a later command still sees the certificates issued
+    before it, a duplicate gets the first one's certificates, and refusals keep their place."""
+    from workers.ca.service import CaService
+
+    card = await issue_card(ca, keys)
+    for saga in ("saga-1", "saga-2"):
+        await ca.verify_application(
+            saga_id=saga,
+            expected_nonce=(n := os.urandom(32)),
+            expected_se=SE,
+            to_be_signed=application(saga, n).to_be_signed(),
+            signature=card_sign(card, application(saga, n)),
+            card_certificate=card.certs.sign.der,
+        )
+    one, requests = issue_command("saga-1", keys, command_id="one")
+    again, _ = issue_command("saga-1", keys, command_id="again", pair=requests)
+    two, _ = issue_command("saga-2", keys, command_id="two")
+    stray, _ = issue_command("saga-9", keys, command_id="stray")
+    batch = [
+        build(one, saga_id="saga-1"),
+        build(stray, saga_id="saga-9"),
+        build(again, saga_id="saga-1"),
+        build(two, saga_id="saga-2"),
+        build(m.Hold(command_id="hold", selection=m.Selection(se_cin=SE.cin)), saga_id="ops"),
+    ]
+    async with ca.database.transaction() as conn:
+        out = await CaService(ca).handle_batch(conn, batch)
+    replies = [decode(o.body).body for o in out]
+    assert [r.command_id for r in replies] == ["one", "stray", "again", "two", "hold"]
+    assert replies[1].failure.code is CaErrorCode.APPLICATION_NOT_VERIFIED
+    assert [c.certificate for c in replies[2].certificates] == [
+        c.certificate for c in replies[0].certificates
+    ]
+    held = {c.serial for c in replies[4].changes}
+    assert held == {c.serial for c in replies[0].certificates} | {
+        c.serial for c in replies[3].certificates
+    }
+    assert len(await ca.certificates(holder=Holder.PHONE)) == 4
