@@ -146,7 +146,10 @@ class InboxConsumer:
                     raise
                 except Exception:
                     log.exception("inbox_batch_crashed", queue=self._queue)
-                    for _, _, done in batch:
+                    for delivery, _, done in batch:
+                        if not done.done():  # not settled yet: give it back to the queue
+                            with contextlib.suppress(Exception):
+                                await delivery.retry()
                         _settle(done)
 
     async def _run_batch(self, batch: list[tuple[Delivery, Message, asyncio.Future[None]]]) -> None:

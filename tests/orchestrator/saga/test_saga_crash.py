@@ -78,7 +78,9 @@ def _stop(*procs: subprocess.Popen[bytes]) -> None:
             proc.kill()
 
 
-@pytest.mark.parametrize("store", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.mark.parametrize(
+    "store", ["sqlite", pytest.param("postgres", marks=[pytest.mark.postgres, pytest.mark.slow])]
+)
 async def test_sigkill_mid_run_every_saga_ends_and_no_effect_twice(
     store, amqp_url, unique, tmp_path, request
 ):
