@@ -40,6 +40,7 @@ SEQUENCE_COUNTER_MAX = 0xFFFFFF  # 3 bytes (Amd D §6.2.2.1)
 GET_STATUS_CHUNK = 0xF0  # response data per GET STATUS page before 6310 "more data"
 
 SW_MORE_DATA = 0x6310
+_OUTSIDE_SESSION = CommandContext(secure=False)
 SW_SELECTION_FAILED = 0x6999
 
 # Security level bits (Amd D §5.1).
@@ -263,6 +264,7 @@ class _OpenChannel:
     kvn: int
     pending: CardAwaitingAuthentication | None
     session: CardSession | None = None
+    context: CommandContext | None = None  # what the applet is told, once authenticated
 
     @property
     def security_level(self) -> int:
@@ -392,11 +394,7 @@ class CardManager:
             return self._get_data(command)  # GET DATA is free outside a session (GP §11.3)
         plain = self._unwrap(command)
         if self._selected.app is not None:
-            context = CommandContext(
-                secure=self._channel is not None,
-                security_level=self._channel.security_level if self._channel else 0,
-            )
-            response = self._selected.app.applet.process(plain, context)
+            response = self._selected.app.applet.process(plain, self._applet_context())
         else:
             response = self._card_management(plain)
         return self._wrap(response)
@@ -420,6 +418,12 @@ class CardManager:
         if channel is None or channel.session is None:
             return response
         return channel.session.wrap_response(response)
+
+    def _applet_context(self) -> CommandContext:
+        channel = self._channel
+        if channel is None or channel.context is None:
+            return _OUTSIDE_SESSION
+        return channel.context
 
     def _channel_domain(self) -> SecurityDomain:
         selected = self._selected
@@ -458,6 +462,7 @@ class CardManager:
             raise _refuse(StatusWord.CONDITIONS_NOT_SATISFIED, "EXTERNAL AUTHENTICATE out of order")
         pending, channel.pending = channel.pending, None
         channel.session = pending.external_authenticate(command)  # raises: bad cryptogram
+        channel.context = CommandContext(secure=True, security_level=channel.security_level)
         log.debug("card_manager.session_open", level=f"{channel.security_level:02X}")
         return ResponseAPDU.status(StatusWord.OK)
 
@@ -483,11 +488,8 @@ class CardManager:
         if command.p1 != 0x04:
             if self._selected.app is not None:  # SELECT EF and friends belong to the applet
                 plain = self._unwrap(command)
-                context = CommandContext(
-                    secure=self._channel is not None,
-                    security_level=self._channel.security_level if self._channel else 0,
-                )
-                return self._wrap(self._selected.app.applet.process(plain, context))
+                applet = self._selected.app.applet
+                return self._wrap(applet.process(plain, self._applet_context()))
             raise _refuse(StatusWord.INCORRECT_P1P2, "only SELECT by AID here")
         aid = command.data or self.isd.aid
         if self.life_cycle == CardLifeCycle.CARD_LOCKED and aid != self.isd.aid:
@@ -771,12 +773,7 @@ class CardManager:
             app = self.applications.get(self._personalizing)
             if app is None:
                 raise _refuse(StatusWord.CONDITIONS_NOT_SATISFIED, "personalised application gone")
-            channel = self._channel
-            context = CommandContext(
-                secure=channel is not None,
-                security_level=channel.security_level if channel else 0,
-            )
-            return app.applet.process(command, context)
+            return app.applet.process(command, self._applet_context())
         # STORE DATA to the security domain itself: BER-TLV card data (GP §11.11, P1 b5b4=10).
         if command.p1 & 0x18 != 0x10:
             raise _refuse(StatusWord.INCORRECT_P1P2, "only BER-TLV STORE DATA to the domain")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -98,35 +99,29 @@ class Registry(Protocol):
     async def finish_operation(self, command_id: str, reply: bytes) -> None: ...
 
 
-_SLOTS = tuple(f.name for f in dataclasses.fields(SeRecord))
-
-
-def _clone(record: SeRecord) -> SeRecord:
-    """A copy (``dataclasses.replace`` costs more than the rest of a lookup)."""
-    copy = object.__new__(SeRecord)
-    for name in _SLOTS:
-        object.__setattr__(copy, name, getattr(record, name))
-    return copy
+_FIELDS = tuple(f.name for f in dataclasses.fields(SeRecord))
+_as_row = operator.attrgetter(*_FIELDS)  # a record as a tuple, in field order, at C speed
 
 
 class MemoryRegistry:
     """The registry in a dict (benchmarks, tests, the embedded single-process mode)."""
 
     def __init__(self) -> None:
-        self._elements: dict[str, SeRecord] = {}
+        # Rows, not records: callers get their own copy, as from a database.
+        self._elements: dict[str, tuple] = {}
         self._operations: dict[str, OperationRecord] = {}
 
     async def add(self, record: SeRecord) -> None:
-        self._elements.setdefault(record.cin, _clone(record))
+        self._elements.setdefault(record.cin, _as_row(record))
 
     async def get(self, cin: str) -> SeRecord:
         try:
-            return _clone(self._elements[cin])
+            return SeRecord(*self._elements[cin])
         except KeyError:
             raise UnknownSecureElement("secure element not in the registry") from None
 
     async def save(self, record: SeRecord) -> None:
-        self._elements[record.cin] = _clone(record)
+        self._elements[record.cin] = _as_row(record)
 
     async def operation(self, command_id: str) -> OperationRecord | None:
         record = self._operations.get(command_id)
@@ -175,11 +170,8 @@ tsm_operations = Table(
     Column("updated_at", Float, nullable=False),
 )
 
-_RECORD_FIELDS = [f.name for f in dataclasses.fields(SeRecord)]
-
-
 def _row_to_record(row: object) -> SeRecord:
-    values = {name: getattr(row, name) for name in _RECORD_FIELDS}
+    values = {name: getattr(row, name) for name in _FIELDS}
     values["challenge_mode"] = ChallengeMode(values["challenge_mode"])
     values["applet_state"] = AppletState(values["applet_state"])
     return SeRecord(**values)
@@ -195,7 +187,7 @@ class SqlRegistry:
         return (postgresql if conn_dialect == "postgresql" else sqlite).insert
 
     async def add(self, record: SeRecord) -> None:
-        values = {name: getattr(record, name) for name in _RECORD_FIELDS}
+        values = {name: getattr(record, name) for name in _FIELDS}
         values["updated_at"] = time.time()
         async with self.db.transaction() as conn:
             insert = self._insert(conn.dialect.name)
@@ -215,7 +207,7 @@ class SqlRegistry:
         return _row_to_record(row)
 
     async def save(self, record: SeRecord) -> None:
-        values = {name: getattr(record, name) for name in _RECORD_FIELDS if name != "cin"}
+        values = {name: getattr(record, name) for name in _FIELDS if name != "cin"}
         values["updated_at"] = time.time()
         async with self.db.transaction() as conn:
             await conn.execute(
