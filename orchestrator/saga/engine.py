@@ -24,7 +24,6 @@ from typing import Any
 
 import msgspec
 import structlog
-from prometheus_client import Counter, Histogram
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -32,9 +31,11 @@ from infra.db.database import Database
 from infra.db.fast import chunks, execute_many, fetch, in_list
 from infra.db.inbox import InboxConsumer
 from infra.db.outbox import OutboxRelay, add_to_outbox
+from infra.metrics import SAGA_TRANSITIONS, SAGAS, STEP_SECONDS
 from infra.transport.base import Outgoing, Transport
 from orchestrator.saga.flow import Flow, FlowRegistry
 from orchestrator.saga.machine import (
+    STATUSES,
     Effects,
     Machine,
     SagaState,
@@ -45,14 +46,6 @@ from protocol.envelope import Message
 from protocol.errors import Disposition, JpkiError
 
 log = structlog.get_logger(__name__)
-
-SAGA_TRANSITIONS = Counter(
-    "jpki_saga_transitions_total", "Saga status changes", ["flow", "from_status", "to_status"]
-)
-STEP_LATENCY = Histogram(
-    "jpki_saga_step_seconds", "From sending a step's command to its answer", ["flow", "step"],
-    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
-)
 
 _SELECT_SAGAS = (
     "SELECT saga_id, flow, status, paused, position, attempt, waiting, completed, data, "
@@ -153,7 +146,8 @@ class SagaEngine:
             batch_size=batch_size, prefetch=prefetch, clock=clock,
         )
         self._timer_interval = timer_interval
-        self._latency_children: dict[tuple[str, str], Any] = {}
+        self._latency_children: dict[tuple[str, str, str], Any] = {}
+        self._gauge_interval = 5.0
         self._timer_full_poll = timer_full_poll
         self._next_timer = 0.0  # earliest fire_at known here: poll at start
         self._timer_task: asyncio.Task[None] | None = None
@@ -297,7 +291,7 @@ class SagaEngine:
     async def _timer_loop(self) -> None:
         # Poll when the earliest timer this process knows of is due, and at least every
         # ``timer_full_poll`` seconds for timers other orchestrators (or a crash) left.
-        last_full = 0.0
+        last_full = last_gauge = 0.0
         while True:
             try:
                 now = self.clock()
@@ -306,6 +300,9 @@ class SagaEngine:
                     while await self.fire_due_timers() > 0:
                         pass
                     self._next_timer = await self._earliest_timer()
+                if now - last_gauge >= self._gauge_interval:
+                    last_gauge = now
+                    await self.refresh_saga_gauge()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -431,11 +428,25 @@ class SagaEngine:
         self._after_commit_metrics(fx)
 
     def _after_commit_metrics(self, fx: Effects) -> None:
-        for flow, before, after in fx.transitions:
-            SAGA_TRANSITIONS.labels(flow, before or "new", after).inc()
+        for flow, _before, after in fx.transitions:
+            SAGA_TRANSITIONS.labels(flow, after).inc()
         histograms = self._latency_children
-        for flow, step, seconds in fx.latencies:
-            child = histograms.get((flow, step))
+        for flow, step, outcome, seconds in fx.latencies:
+            child = histograms.get((flow, step, outcome))
             if child is None:
-                child = histograms[(flow, step)] = STEP_LATENCY.labels(flow, step)
+                child = histograms[(flow, step, outcome)] = STEP_SECONDS.labels(
+                    flow, step, outcome
+                )
             child.observe(seconds)
+
+    async def refresh_saga_gauge(self) -> None:
+        """Set ``jpki_sagas{saga_type, state}`` from the store."""
+        query = select(sagas.c.flow, sagas.c.status, func.count()).group_by(
+            sagas.c.flow, sagas.c.status
+        )
+        async with self.db.transaction() as conn:
+            rows = (await conn.execute(query)).all()
+        found = {(flow, status): n for flow, status, n in rows}
+        for flow in self.registry.flows:
+            for status in STATUSES:
+                SAGAS.labels(flow, status).set(found.get((flow, status), 0))

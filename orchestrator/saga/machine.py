@@ -116,9 +116,10 @@ class Effects:
     timeline: list[TimelineEntry] = field(default_factory=list)
     # (saga_id, kind) → the timer to set, or None to delete it
     timers: dict[tuple[str, str], Timer | None] = field(default_factory=dict)
-    # (flow, from status, to status) for metrics, and step latencies (flow, step, seconds)
+    # (flow, from status, to status) for metrics, and step latencies
+    # (flow, step, outcome, seconds)
     transitions: list[tuple[str, str, str]] = field(default_factory=list)
-    latencies: list[tuple[str, str, float]] = field(default_factory=list)
+    latencies: list[tuple[str, str, str, float]] = field(default_factory=list)
 
 
 class Machine:
@@ -237,9 +238,11 @@ class Machine:
             log.warning("saga_unexpected_reply_type", saga_id=state.saga_id, step=step_name,
                         type=message.envelope.type)
             return True
-        fx.latencies.append((state.flow.name, f"{step.name}:{direction}",
-                             max(0.0, self.clock() - state.updated_at)))
         failure = getattr(message.body, "failure", None)
+        outcome = "done" if failure is None else _disposition(failure).value
+        fx.latencies.append((state.flow.name, step.name if direction == DO else
+                             f"{step.name}:undo", outcome,
+                             max(0.0, self.clock() - state.updated_at)))
         if direction == DO:
             if failure is None:
                 self._step_done(state, step, message.body, fx)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import collections
 
+from infra.metrics import REGISTRY
 from orchestrator.demo.flow import OrderData, demo_flow
 from orchestrator.saga import Retry
 
@@ -16,11 +17,21 @@ def events(timeline):
     return [(row.event, row.step) for row in timeline]
 
 
+def completed_metric() -> float:
+    labels = {"saga_type": "demo.order", "state": "completed"}
+    return REGISTRY.get_sample_value("jpki_saga_transitions_total", labels) or 0.0
+
+
 async def test_demo_saga_completes(make_stack):
     stack = await make_stack()
+    completed_before = completed_metric()
     datas = [OrderData(order_id=f"o{i}") for i in range(20)]
     ids = await stack.engine.start_sagas(stack.flow, datas)
     views = await stack.wait_terminal(ids)
+    assert completed_metric() - completed_before == 20
+    await stack.engine.refresh_saga_gauge()
+    gauge = {"saga_type": "demo.order", "state": "completed"}
+    assert REGISTRY.get_sample_value("jpki_sagas", gauge) == 20
     assert {v.status for v in views.values()} == {"completed"}
     assert all(v.data.done == STEPS for v in views.values())
     effects = await stack.effects()
