@@ -28,12 +28,16 @@ from device_sim.se.card_manager import (
     cplc_for,
 )
 from protocol.apdu import CommandAPDU, ResponseAPDU
-from protocol.errors import MalformedAPDU, StatusWord
+from protocol.errors import JpkiError, MalformedAPDU, StatusWord
 
 STATE_FORMAT = 1
 DEFAULT_IIN = bytes.fromhex("42")  # placeholder issuer identification number
 # The SP-TSM's security domain on every simulated phone (an AID of our own).
 SP_SD_AID = bytes.fromhex("A000000151535054534D")
+
+
+class SecureElementStateError(JpkiError):
+    """A saved secure-element state that cannot be restored (wrong format, damaged)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,11 +140,22 @@ class SecureElement:
         *,
         random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> SecureElement:
-        state: Mapping[str, Any] = json.loads(text)
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"unsupported secure element state format {state.get('format')!r}")
-        manager = CardManager.from_state(state["card"], list(load_files), random_bytes=random_bytes)
-        return cls(manager, bytes.fromhex(state["sp_sd_aid"]))
+        try:
+            state: Mapping[str, Any] = json.loads(text)
+            if state.get("format") != STATE_FORMAT:
+                raise SecureElementStateError(
+                    f"unsupported secure element state format {state.get('format')!r}"
+                )
+            manager = CardManager.from_state(
+                state["card"], list(load_files), random_bytes=random_bytes
+            )
+            return cls(manager, bytes.fromhex(state["sp_sd_aid"]))
+        except SecureElementStateError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            # Names the defect's kind only: the state holds keys.
+            kind = type(exc).__name__
+            raise SecureElementStateError(f"damaged secure element state ({kind})") from None
 
     def save(self, path: Path) -> None:
         """Write the state atomically: a crash mid-write never leaves half an SE."""

@@ -15,7 +15,12 @@ from device_sim.se.card_manager import (
     KeySet,
     LoadFile,
 )
-from device_sim.se.element import SP_SD_AID, ScriptCommand, SecureElement
+from device_sim.se.element import (
+    SP_SD_AID,
+    ScriptCommand,
+    SecureElement,
+    SecureElementStateError,
+)
 from device_sim.se.jpki_applet import JpkiAppletFactory, PooledKeys
 from protocol import jpki
 from protocol.apdu import CommandAPDU, ResponseAPDU
@@ -542,8 +547,14 @@ def test_state_survives_a_reinstall_of_the_app(se: SecureElement, load_file: Loa
     auth = open_session(restored, SP_SD_AID)  # ...and the next session continues the counter
     assert restored.manager.domains[SP_SD_AID].sequence_counter == counter + 1
     assert secure(restored, auth, get_status(aid=jpki.AID)).sw == OK
-    with pytest.raises(ValueError, match="format"):
+    with pytest.raises(SecureElementStateError, match="format"):
         SecureElement.from_json(json.dumps({"format": 99}), [load_file])
+    damaged = json.loads(text)
+    del damaged["card"]["security_domains"][0]["key_sets"]
+    with pytest.raises(SecureElementStateError, match="damaged"):
+        SecureElement.from_json(json.dumps(damaged), [load_file])
+    with pytest.raises(SecureElementStateError):
+        SecureElement.from_json("{not json", [load_file])
 
 
 def test_save_and_load_file(se: SecureElement, load_file: LoadFile, tmp_path) -> None:
