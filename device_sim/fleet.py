@@ -44,7 +44,6 @@ import structlog
 from device_sim.app import (
     DELETED_MARK,
     AppCore,
-    AppStorage,
     DeviceInfo,
     PhoneApp,
     ScreenId,
@@ -78,7 +77,7 @@ from workers.ca.authority import CertificateAuthority, PendingCardCertificates
 from workers.ca.authority import Person as CaPerson
 from workers.ca.profiles import BasicFacts, Sex
 from workers.tsm.keys import MasterKeyRing
-from workers.tsm.provisioning import jpki_load_file, manufacture_secure_element
+from workers.tsm.provisioning import manufacture_secure_element
 
 log = structlog.get_logger(__name__)
 
@@ -301,7 +300,9 @@ class PhoneResult:
     scripts: list[str] = field(default_factory=list)  # SP-TSM operations on the SE, in order
     screens: int = 0
     user_actions: int = 0
-    longest_secret_hold_s: float = 0.0
+    # Per kind of secret (card password, new PINs, temporary PINs): the longest time one
+    # sat in the app's memory, keystroke (or arrival) to wipe.
+    secret_hold_max_s: dict[str, float] = field(default_factory=dict)
     latency_s: float | None = None
     disconnects: int = 0
 
@@ -318,7 +319,6 @@ class Phone:
     pin_option: om.PinOption
     typos: bool
     app: PhoneApp | None = field(default=None, repr=False)
-    storage: AppStorage | None = None
     result: PhoneResult | None = None
 
     @property
@@ -447,6 +447,7 @@ class Summary:
     issuances_per_s: float
     certificates_per_s: float
     max_rss_mib: float
+    secret_hold_max_s: dict[str, float]  # per kind, over every phone
     failures: list[dict[str, Any]]
 
 
@@ -533,12 +534,6 @@ class Fleet:
         log.info("fleet.manufactured", phones=len(phones), rss_mib=round(current_rss_mib(), 1))
         return cls(config, phones)
 
-    @classmethod
-    def restore_se(cls, path: Path, key_source: KeySource) -> SecureElement:
-        return SecureElement.load(
-            path, [jpki_load_file(JpkiAppletFactory(Profile.PHONE, key_source))]
-        )
-
     async def run(
         self,
         make_link: LinkFactory,
@@ -590,6 +585,10 @@ class Fleet:
             issuances_per_s=round(len(issued) / wall, 2),
             certificates_per_s=round(certificates / wall, 2),
             max_rss_mib=round(max_rss_mib(), 1),
+            secret_hold_max_s={
+                kind: max(r.secret_hold_max_s.get(kind, 0.0) for r in self.results)
+                for kind in sorted({k for r in self.results for k in r.secret_hold_max_s})
+            },
             failures=[
                 {
                     "device_id": r.device_id,
@@ -669,9 +668,9 @@ async def run_phone(
         result.scripts = list(core.scripts_run)
         result.screens = len(core.screens_shown)
         result.user_actions = phone.app.user.actions
-        result.longest_secret_hold_s = round(
-            max((h.held_s for h in core.secret_holds), default=0.0), 6
-        )
+        for hold in core.secret_holds:
+            longest = max(result.secret_hold_max_s.get(hold.kind, 0.0), round(hold.held_s, 6))
+            result.secret_hold_max_s[hold.kind] = longest
     if faulty is not None:
         result.disconnects = faulty.disconnects
     log.info(
@@ -744,6 +743,8 @@ def format_results(results: Sequence[PhoneResult], summary: Summary) -> str:
         f"issuances, {summary.certificates_per_s}/s certificates over {summary.wall_s}s",
         f"saga latency (phone side) p50 {summary.latency_p50_s}s p95 {summary.latency_p95_s}s",
         f"peak RSS of this fleet process: {summary.max_rss_mib} MiB",
+        "longest a secret sat in an app: "
+        + ", ".join(f"{k} {v * 1000:.1f} ms" for k, v in summary.secret_hold_max_s.items()),
     ]
     return "\n".join(lines)
 
