@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -91,8 +91,7 @@ class SagaState:
         return None
 
 
-@dataclass(frozen=True, slots=True)
-class TimelineEntry:
+class TimelineEntry(NamedTuple):  # a tuple: thousands are made per second
     saga_id: str
     at: float
     event: str
@@ -101,8 +100,7 @@ class TimelineEntry:
     detail: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Timer:
+class Timer(NamedTuple):
     fire_at: float
     step: str | None
     attempt: int | None
@@ -430,6 +428,10 @@ def _code(failure: Any) -> str:
 
 
 def _disposition(failure: Any) -> Disposition:
+    if not hasattr(failure, "disposition"):
+        # the TSM's and the CA's ``Failure`` say it with a ``transient`` property instead
+        transient = bool(getattr(failure, "transient", False))
+        return Disposition.TRANSIENT if transient else Disposition.REJECTED
     value = getattr(failure, "disposition", Disposition.REJECTED)
     try:
         return Disposition(value)

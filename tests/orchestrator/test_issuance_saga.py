@@ -294,3 +294,21 @@ async def test_redelivered_enrolment_starts_one_saga(world) -> None:
     assert view.status == "completed"
     assert world.kinds().count("InspectSe") == 1
     assert len(world.results()) == 1
+
+
+async def test_transient_tsm_failure_is_retried_not_compensated(world) -> None:
+    calls = {"n": 0}
+
+    def flaky_install(c: tsm.InstallApplet) -> tsm.InstallAppletReply:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return tsm.InstallAppletReply(
+                command_id=c.command_id,
+                failure=tsm.Failure(code=tsm.ErrorCode.PHONE_UNREACHABLE))
+        return tsm.InstallAppletReply(command_id=c.command_id, installed=True)
+
+    world.answers[tsm.InstallApplet] = flaky_install
+    view = await run_saga(world, enrolment())
+    assert view.status == "completed"
+    assert world.kinds().count("InstallApplet") == 2
+    assert "WipeApplet" not in world.kinds()
