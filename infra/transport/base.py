@@ -32,6 +32,10 @@ class TransportError(JpkiError):
     disposition = Disposition.TRANSIENT
 
 
+class TopologyMismatch(JpkiError):
+    """A queue re-declared with other arguments than it has: a configuration error."""
+
+
 class Unroutable(JpkiError):
     """No queue is bound for a routing key, so the message would be lost: refused instead."""
 

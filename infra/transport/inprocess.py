@@ -28,6 +28,7 @@ from infra.transport.base import (
     Outgoing,
     Parked,
     Subscription,
+    TopologyMismatch,
     Transport,
     TransportError,
     Unroutable,
@@ -262,12 +263,18 @@ class InProcessTransport(Transport):
         delivery_limit: int | None = None,
         single_active_consumer: bool = False,
     ) -> None:
+        limit = self._default_delivery_limit if delivery_limit is None else delivery_limit
         existing = self._queues.get(queue)
         if existing is None:
-            limit = self._default_delivery_limit if delivery_limit is None else delivery_limit
             existing = self._queues[queue] = _Queue(
                 queue, limit, single_active_consumer, self._clock
             )
+        elif (existing.delivery_limit, existing.single_active_consumer) != (
+            limit,
+            single_active_consumer,
+        ):
+            # RabbitMQ refuses an inequivalent re-declaration (PRECONDITION_FAILED): so do we.
+            raise TopologyMismatch(f"queue {queue!r} already declared with other arguments")
         for key in binding_keys:
             if (key, existing) not in self._bindings:
                 self._bindings.append((key, existing))

@@ -45,6 +45,7 @@ from infra.transport.base import (
     Outgoing,
     Parked,
     Subscription,
+    TopologyMismatch,
     Transport,
     TransportError,
     Unroutable,
@@ -245,7 +246,12 @@ class RabbitMQTransport(Transport):
         if single_active_consumer:
             arguments["x-single-active-consumer"] = True
         async with self._conn().channel() as channel:
-            declared = await channel.declare_queue(queue, durable=True, arguments=arguments)
+            try:
+                declared = await channel.declare_queue(queue, durable=True, arguments=arguments)
+            except aiormq.exceptions.ChannelPreconditionFailed:
+                raise TopologyMismatch(
+                    f"queue {queue!r} already declared with other arguments"
+                ) from None
             for key in binding_keys:
                 await declared.bind(self._exchange_name, routing_key=key)
             parking = await channel.declare_queue(
@@ -368,7 +374,23 @@ class RabbitMQTransport(Transport):
                 if message is None:
                     break
                 found.append(self._parked(queue, message))
+        await self._until_ready(parking_lot(queue), len(found))
         return found
+
+    async def _until_ready(self, queue: str, count: int, within: float = 5.0) -> None:
+        """Wait until ``queue`` shows ``count`` ready messages again.
+
+        Messages a closed channel held return to a quorum queue asynchronously; waiting
+        for them keeps list-then-replay (or two listings) consistent for the operator.
+        """
+        deadline = time.monotonic() + within
+        async with self._conn().channel() as channel:
+            while time.monotonic() < deadline:
+                declared = await channel.declare_queue(queue, passive=True)
+                if (declared.declaration_result.message_count or 0) >= count:
+                    return
+                await asyncio.sleep(0.02)
+        log.warning("transport.returns_not_visible", queue=queue, expected=count)
 
     @staticmethod
     def _parked(queue: str, message: AbstractIncomingMessage) -> Parked:
@@ -423,6 +445,7 @@ class RabbitMQTransport(Transport):
                 )
                 await message.ack()
                 moved += 1
+        await self._until_ready(parking_lot(queue), pending - moved)
         return moved
 
     async def queue_depths(self) -> dict[str, int]:

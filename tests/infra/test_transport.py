@@ -15,6 +15,7 @@ from infra.transport.base import (
     DELIVERY_LIMIT_REASON,
     Delivery,
     Outgoing,
+    TopologyMismatch,
     Transport,
     Unroutable,
     parking_lot,
@@ -333,3 +334,15 @@ async def test_a_message_refused_at_the_edge_is_parked_and_replayable(
     assert (replayed.routing_key, replayed.headers.get("source")) == ("jpki.dev.x.up", "mqtt")
     assert replayed.body == b'{"n":1}'
     await sub.cancel()
+
+
+async def test_redeclaring_a_queue_with_other_arguments_is_refused(
+    transport: Transport, unique: str
+) -> None:
+    queue = f"q-{unique}"
+    await transport.declare_queue(queue, ["work.#"], delivery_limit=3)
+    await transport.declare_queue(queue, ["more.#"], delivery_limit=3)  # same: fine
+    with pytest.raises(TopologyMismatch):
+        await transport.declare_queue(queue, ["work.#"], delivery_limit=4)
+    with pytest.raises(TopologyMismatch):
+        await transport.declare_queue(queue, ["work.#"], single_active_consumer=True)
