@@ -137,6 +137,7 @@ class RunSettings:
     disconnect_rate: float = 0.0
     login: bool = True
     device_prefix: str = "phone"
+    key_pool_dir: Path | None = None  # default <data dir>/key-pool
 
 
 @dataclass(slots=True)
@@ -152,8 +153,8 @@ class RunOutcome:
 
 def key_sources(settings: RunSettings) -> tuple[KeySource, KeySource]:
     if settings.key_pool:
-        pool = PooledKeys(settings.key_pool, settings.data_dir / "key-pool",
-                          random.Random(settings.seed))
+        directory = settings.key_pool_dir or settings.data_dir / "key-pool"
+        pool = PooledKeys(settings.key_pool, directory, random.Random(settings.seed))
         return pool, pool
     return GeneratedKeys(), GeneratedKeys()
 
