@@ -104,7 +104,7 @@ DEFAULT_RETRY = Retry()
 UNDO_RETRY = Retry(max_attempts=None, initial=0.5, max_delay=60.0)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StepContext:
     """What a step function may know besides the data (ask for it with a 2nd parameter)."""
 
