@@ -50,7 +50,6 @@ from workers.tsm.registry import (
     ChallengeMode,
     Registry,
     SeRecord,
-    UnknownSecureElement,
 )
 
 log = structlog.get_logger(__name__)
@@ -167,31 +166,44 @@ class TsmEngine:
     # ------------------------------------------------------------------ entry point
 
     async def execute(self, command: m.TsmCommand) -> m.TsmReply:
-        """Run ``command`` once; a command id seen before gets its stored reply."""
+        """Run ``command`` once; a command id seen before gets its stored reply.
+
+        Three registry transactions per operation: look up (and mark running), the spent
+        counter before the script leaves, and the outcome with the reply at the end.
+        """
         reply_type = _REPLY_TYPES[type(command)]
-        done = await self.registry.operation(command.command_id)
-        if done is not None and done.status == "done" and done.reply is not None:
-            log.info("tsm.operation_replayed", command_id=command.command_id)
-            return msgspec.json.decode(done.reply, type=reply_type)
         operation = _OPERATION_NAMES[type(command)]
-        await self.registry.start_operation(command.command_id, command.se.cin, operation)
         lock = self._locks.get(command.se.cin)
         if lock is None:
             lock = self._locks[command.se.cin] = asyncio.Lock()
-        async with lock:
+        async with lock:  # one SE, one session at a time: they share its counter
+            done, record = await self.registry.begin(
+                command.command_id, command.se.cin, operation
+            )
+            if done is not None and done.status == "done" and done.reply is not None:
+                log.info("tsm.operation_replayed", command_id=command.command_id)
+                return msgspec.json.decode(done.reply, type=reply_type)
             round_trips = [0]
             try:
-                reply = await self._dispatch(command, round_trips)
+                if record is None:
+                    record = await self._enrol(command)
+                if record.kdd != command.se.kdd:
+                    record = None  # another SE's record: leave it alone
+                    raise OperationFailed(m.ErrorCode.UNKNOWN_SE, "KDD does not match")
+                reply = await self._dispatch(command, record, round_trips)
             except OperationFailed as exc:
                 reply = reply_type(
                     command_id=command.command_id, failure=exc.failure, round_trips=round_trips[0]
                 )
-        if reply.failure is not None and reply.failure.transient:
-            # Not recorded as done: the same command id runs again when re-sent.
-            log.warning("tsm.operation_transient_failure", operation=operation,
-                        code=reply.failure.code.value)
-            return reply
-        await self.registry.finish_operation(command.command_id, _reply_encoder.encode(reply))
+            if reply.failure is not None and reply.failure.transient:
+                # Not recorded as done: the same command id runs again when re-sent.
+                await self.registry.complete(record, command.command_id, None)
+                log.warning("tsm.operation_transient_failure", operation=operation,
+                            code=reply.failure.code.value)
+                return reply
+            await self.registry.complete(
+                record, command.command_id, _reply_encoder.encode(reply)
+            )
         log.info(
             "tsm.operation_done",
             operation=operation,
@@ -201,13 +213,10 @@ class TsmEngine:
         )
         return reply
 
-    async def _dispatch(self, command: m.TsmCommand, round_trips: list[int]) -> m.TsmReply:
-        try:
-            record = await self.registry.get(command.se.cin)
-        except UnknownSecureElement:
-            record = await self._enrol(command)
-        if record.kdd != command.se.kdd:
-            raise OperationFailed(m.ErrorCode.UNKNOWN_SE, "KDD does not match the registry")
+    async def _dispatch(
+        self, command: m.TsmCommand, record: SeRecord, round_trips: list[int]
+    ) -> m.TsmReply:
+        """Run the operation; the record is updated in place (saved by ``execute``)."""
         record.device_id = command.device_id
         handler = _HANDLERS[type(command)]
         try:
@@ -397,7 +406,6 @@ class TsmEngine:
         (status_answer,) = await self._session(record, s.plan_inspect(), round_trips)
         status = s.interpret_status(status_answer)
         _apply_status(record, status)
-        await self.registry.save(record)
         return m.InspectSeReply(
             command_id=command.command_id,
             round_trips=round_trips[0],
@@ -416,7 +424,6 @@ class TsmEngine:
             AppletState.ABSENT, False, None,
         )
         record.pending_cleanup, record.sealed_temporary_pins = False, None
-        await self.registry.save(record)
         return m.CleanUpSeReply(
             command_id=command.command_id,
             round_trips=round_trips[0],
@@ -431,7 +438,6 @@ class TsmEngine:
         _, status_answer = await self._session(record, s.plan_install(), round_trips)
         status = s.interpret_status(status_answer)
         _apply_status(record, status)
-        await self.registry.save(record)
         if not status.present or status.life_cycle != 0x07:
             raise OperationFailed(m.ErrorCode.CARD_ERROR, "applet not selectable after INSTALL")
         if status.holds_keys:
@@ -453,7 +459,6 @@ class TsmEngine:
         ]
         record.applet_state, record.holds_keys = AppletState.KEYED, True
         record.owner_reference = command.owner_reference
-        await self.registry.save(record)
         return m.GenerateKeysReply(
             command_id=command.command_id,
             round_trips=round_trips[0],
@@ -478,7 +483,6 @@ class TsmEngine:
         await self._session(record, plan, round_trips)
         record.applet_state = AppletState.PERSONALISED
         record.sealed_temporary_pins = self._seal_pins(record, pins)
-        await self.registry.save(record)
         return m.StoreCertificatesReply(
             command_id=command.command_id, round_trips=round_trips[0], stored=kinds
         )
@@ -502,7 +506,6 @@ class TsmEngine:
             if s.interpret_pin_status(status_answer).state not in s.RELEASED_STATES[mode]:
                 raise OperationFailed(m.ErrorCode.CARD_ERROR, "PIN not in its released state")
         record.applet_state, record.sealed_temporary_pins = AppletState.RELEASED, None
-        await self.registry.save(record)
         return m.ReleasePinsReply(
             command_id=command.command_id, round_trips=round_trips[0], released=kinds,
             pins_delivered=True,
@@ -518,7 +521,6 @@ class TsmEngine:
         answers = await self._session(
             record, s.plan_reset_pin(values), round_trips, [_for_app(v) for v in values]
         )
-        await self.registry.save(record)
         for status_answer in answers[1::2]:
             if s.interpret_pin_status(status_answer).state is not jpki.PinState.TEMPORARY:
                 raise OperationFailed(m.ErrorCode.CARD_ERROR, "PIN not reset")
@@ -534,7 +536,6 @@ class TsmEngine:
         record.holds_keys, record.owner_reference, record.sealed_temporary_pins = False, None, None
         record.applet_state = AppletState.ABSENT if command.delete_applet else AppletState.INSTALLED
         record.pending_cleanup = False
-        await self.registry.save(record)
         return m.WipeAppletReply(
             command_id=command.command_id,
             round_trips=round_trips[0],
@@ -552,7 +553,7 @@ class TsmEngine:
         current = self._access(record)
         plan = s.plan_rotate(record.key_version, new_kvn, current.keys.dek, new_keys)
         record.pending_key_version = new_kvn
-        await self.registry.save(record)
+        await self.registry.save(record)  # intent: the SE may have the new keys from here on
         (answer,) = await self._session(record, plan, round_trips)
         if record.key_version == new_kvn:  # confirmed late by a 6A88 re-try above
             return m.RotateKeysReply(
@@ -562,7 +563,6 @@ class TsmEngine:
         sealed = self._unseal_optional(record)
         record.key_version, record.pending_key_version = new_kvn, None
         record.sealed_temporary_pins = self._seal_pins(record, sealed) if sealed else None
-        await self.registry.save(record)
         return m.RotateKeysReply(
             command_id=command.command_id, round_trips=round_trips[0], key_version=new_kvn
         )

@@ -36,6 +36,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from infra.db.database import Database
 from protocol.errors import JpkiError
@@ -98,6 +99,16 @@ class Registry(Protocol):
 
     async def finish_operation(self, command_id: str, reply: bytes) -> None: ...
 
+    async def begin(
+        self, command_id: str, cin: str, operation: str
+    ) -> tuple[OperationRecord | None, SeRecord | None]:
+        """One transaction: the operation as it was (marked running if new), and the SE."""
+        ...
+
+    async def complete(self, record: SeRecord | None, command_id: str, reply: bytes | None) -> None:
+        """One transaction: save the SE's record and, with a reply, mark the operation done."""
+        ...
+
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(SeRecord))
 _as_row = operator.attrgetter(*_FIELDS)  # a record as a tuple, in field order, at C speed
@@ -135,6 +146,20 @@ class MemoryRegistry:
     async def finish_operation(self, command_id: str, reply: bytes) -> None:
         record = self._operations[command_id]
         record.status, record.reply = "done", reply
+
+    async def begin(
+        self, command_id: str, cin: str, operation: str
+    ) -> tuple[OperationRecord | None, SeRecord | None]:
+        before = await self.operation(command_id)
+        await self.start_operation(command_id, cin, operation)
+        row = self._elements.get(cin)
+        return before, SeRecord(*row) if row is not None else None
+
+    async def complete(self, record: SeRecord | None, command_id: str, reply: bytes | None) -> None:
+        if record is not None:
+            self._elements[record.cin] = _as_row(record)
+        if reply is not None:
+            await self.finish_operation(command_id, reply)
 
 
 metadata = MetaData()
@@ -245,8 +270,52 @@ class SqlRegistry:
 
     async def finish_operation(self, command_id: str, reply: bytes) -> None:
         async with self.db.transaction() as conn:
-            await conn.execute(
-                update(tsm_operations)
-                .where(tsm_operations.c.command_id == command_id)
-                .values(status="done", reply=reply, updated_at=time.time())
+            await self._finish(conn, command_id, reply)
+
+    @staticmethod
+    async def _finish(conn: AsyncConnection, command_id: str, reply: bytes) -> None:
+        await conn.execute(
+            update(tsm_operations)
+            .where(tsm_operations.c.command_id == command_id)
+            .values(status="done", reply=reply, updated_at=time.time())
+        )
+
+    async def begin(
+        self, command_id: str, cin: str, operation: str
+    ) -> tuple[OperationRecord | None, SeRecord | None]:
+        now = time.time()
+        async with self.db.transaction() as conn:
+            row = (
+                await conn.execute(
+                    select(tsm_operations).where(tsm_operations.c.command_id == command_id)
+                )
+            ).first()
+            before = (
+                OperationRecord(row.command_id, row.cin, row.operation, row.status, row.reply)
+                if row is not None
+                else None
             )
+            if before is None:
+                await conn.execute(
+                    self._insert(conn.dialect.name)(tsm_operations)
+                    .values(command_id=command_id, cin=cin, operation=operation,
+                            status="running", reply=None, created_at=now, updated_at=now)
+                    .on_conflict_do_nothing(index_elements=["command_id"])
+                )
+            element = (
+                await conn.execute(select(secure_elements).where(secure_elements.c.cin == cin))
+            ).first()
+        return before, _row_to_record(element) if element is not None else None
+
+    async def complete(self, record: SeRecord | None, command_id: str, reply: bytes | None) -> None:
+        async with self.db.transaction() as conn:
+            if record is not None:
+                values = {name: getattr(record, name) for name in _FIELDS if name != "cin"}
+                values["updated_at"] = time.time()
+                await conn.execute(
+                    update(secure_elements)
+                    .where(secure_elements.c.cin == record.cin)
+                    .values(**values)
+                )
+            if reply is not None:
+                await self._finish(conn, command_id, reply)

@@ -55,6 +55,20 @@ async def _exercise(registry: Registry) -> None:
     done = await registry.operation("cmd-1")
     assert done is not None and done.status == "done" and done.reply == b'{"ok":true}'
 
+    # The engine's two-transaction pair: begin (look up, mark running) and complete.
+    before, element = await registry.begin("cmd-2", record.cin, "inspect")
+    assert before is None and element == stored
+    again, _ = await registry.begin("cmd-2", record.cin, "inspect")
+    assert again is not None and again.status == "running"
+    element.sequence_counter = 10
+    await registry.complete(element, "cmd-2", None)  # a transient failure: not done
+    assert (await registry.get(record.cin)).sequence_counter == 10
+    assert (await registry.operation("cmd-2")).status == "running"
+    await registry.complete(element, "cmd-2", b"{}")
+    assert (await registry.operation("cmd-2")).reply == b"{}"
+    unknown, nothing = await registry.begin("cmd-3", "ABCD", "inspect")
+    assert unknown is None and nothing is None
+
 
 async def test_memory_registry() -> None:
     await _exercise(MemoryRegistry())
