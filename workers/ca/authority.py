@@ -950,6 +950,14 @@ class CertificateAuthority:
             rows = (await conn.execute(query)).all()
         return [CertificateRecord.from_row(row) for row in rows]
 
+    async def live_phone_certificates(
+        self, se_cin: str, *, conn: AsyncConnection | None = None
+    ) -> list[CertificateRecord]:
+        """The phone certificates on an SE that are not revoked (valid or held), by serial."""
+        async with self._tx(conn) as conn:
+            records = await self._active_certificates(conn, se_cin=se_cin, holder=Holder.PHONE)
+        return sorted(records, key=lambda record: record.serial)
+
     async def _certificate(self, conn: AsyncConnection, serial: str) -> CertificateRecord | None:
         row = (
             await conn.execute(select(t.certificates).where(t.certificates.c.serial == serial))

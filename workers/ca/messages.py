@@ -194,3 +194,26 @@ class RevokeDone(CaReply, frozen=True, kw_only=True):
 @message_type("ca.reply.card_cascade")
 class CardCascadeDone(CaReply, frozen=True, kw_only=True):
     changes: list[StatusChange] = []
+
+
+# -- life cycle: which phone certificates on an SE are not revoked (read only) ---------------
+
+
+@message_type("ca.cmd.se_certificates")
+class SeCertificatesQuery(CaCommand, frozen=True, kw_only=True):
+    """Asked when a phone reconnects or confirms a disposal: what is still live on its SE."""
+
+    se_cin: HexId
+
+
+class LiveCertificate(msgspec.Struct, frozen=True, kw_only=True):
+    serial: Serial
+    kind: CertType
+    person_id: PersonId
+    status: Status  # valid or held
+    certificate: Der
+
+
+@message_type("ca.reply.se_certificates")
+class SeCertificates(CaReply, frozen=True, kw_only=True):
+    certificates: list[LiveCertificate] = []

@@ -56,6 +56,7 @@ class CaService:
             m.Release: (self._release, m.ReleaseDone),
             m.Revoke: (self._revoke, m.RevokeDone),
             m.CardCertificateRevoked: (self._card_cascade, m.CardCascadeDone),
+            m.SeCertificatesQuery: (self._se_certificates, m.SeCertificates),
         }
 
     async def handle_batch(
@@ -227,6 +228,23 @@ class CaService:
             raise InvalidRequest("the cascade starts from a card certificate")
         changes = await self.authority.revoke(body.card_serial, body.cause, conn=conn)
         return m.CardCascadeDone(command_id=body.command_id, changes=_changes(changes))
+
+    async def _se_certificates(self, conn: AsyncConnection, message: Message) -> m.CaReply:
+        body: m.SeCertificatesQuery = message.body
+        records = await self.authority.live_phone_certificates(body.se_cin, conn=conn)
+        return m.SeCertificates(
+            command_id=body.command_id,
+            certificates=[
+                m.LiveCertificate(
+                    serial=r.serial,
+                    kind=r.cert_type,
+                    person_id=r.person_id,
+                    status=r.status,
+                    certificate=r.der,
+                )
+                for r in records
+            ],
+        )
 
 
 def _key_requests(body: m.IssueCertificates) -> list[KeyRequest]:

@@ -228,3 +228,24 @@ async def test_a_batch_keeps_the_order_of_effects(ca, keys) -> None:
         c.serial for c in replies[3].certificates
     }
     assert len(await ca.certificates(holder=Holder.PHONE)) == 4
+
+
+async def test_se_certificates_lists_what_is_live_on_an_se(running, ca, keys) -> None:
+    harness, _ = running
+    card = await issue_card(ca, keys)
+    await harness.send(verify_command(card, "saga-1", os.urandom(32)))
+    assert (await harness.reply()).body.ok
+    command, _ = issue_command("saga-1", keys)
+    await harness.send(command)
+    auth, sign = (await harness.reply()).body.certificates
+    await ca.hold(auth.serial)
+    await ca.revoke(sign.serial, Cause.LOSS)
+    await harness.send(m.SeCertificatesQuery(command_id="live-1", se_cin=SE.cin), saga_id=None)
+    live = (await harness.reply()).body
+    assert [(c.serial, c.kind, c.status, c.person_id) for c in live.certificates] == [
+        (auth.serial, CertType.AUTH, Status.HELD, card.person.person_id)
+    ]
+    await harness.send(
+        m.SeCertificatesQuery(command_id="live-2", se_cin=OTHER_SE.cin), saga_id=None
+    )
+    assert (await harness.reply()).body.certificates == []
