@@ -69,6 +69,8 @@ async def running(request, ca, unique):
     yield harness, worker
     await worker.stop()
     await harness.subscription.cancel()
+    if request.param == "rabbitmq":
+        await transport.delete_topology()  # leave the shared broker as we found it
     await transport.close()
 
 
