@@ -51,7 +51,8 @@ def test_attack_with_the_temporary_pin_signs_in_options_1_and_2(measured, option
     m = measured[option]
     assert m.attack_in_temporary_state
     assert "temporary_pin_set: auth TEMPORARY VERIFY 9000 SIGN 9000" in m.attack_detail
-    assert m.signable_window_s > 0
+    # Signable from the moment the temporary PIN is set until the user's PIN replaces it.
+    assert m.signable_window_s == m.temporary_window_s > 0
 
 
 @pytest.mark.parametrize(
@@ -70,13 +71,14 @@ def test_attack_with_the_temporary_pin_fails_in_options_3_4_and_6(measured, opti
 def test_option_4_released_pin_verifies_only_to_be_changed(measured):
     m = measured[Opt.INITIAL_STATE]
     assert "released: auth INITIAL_RELEASED VERIFY 9000 SIGN 6982" in m.attack_detail
-    assert not m.attack_before_pin_change and m.signable_window_s == 0
+    assert not m.attack_before_pin_change
+    assert m.signable_window_s == 0 < m.temporary_window_s
 
 
 def test_option_3_is_signable_only_between_release_and_the_pin_change(measured):
     m = measured[Opt.BLOCKED_UNTIL_RELEASED]
     assert m.attack_before_pin_change and not m.attack_in_temporary_state
-    assert 0 < m.signable_window_s < measured[Opt.APP_TYPES_TEMPORARY].signable_window_s
+    assert 0 < m.signable_window_s < m.temporary_window_s
 
 
 def test_option_5_holds_the_real_pin_in_the_app_during_issuance(measured):
@@ -130,7 +132,8 @@ def _synthetic(**changes) -> OptionMeasurement:
         option=2, title="t", phones=1, issued=1, user_actions=9, extra_user_actions=0,
         code_typed_by_user=False, attack_in_temporary_state=False,
         attack_before_pin_change=False, attack_detail=[], signable_window_s=0.0,
-        mistype_possible=False, mistype_cost="", real_pin_hold_s=0.0, real_pin_hold_share=0.0,
+        temporary_window_s=0.0, mistype_possible=False, mistype_cost="", real_pin_hold_s=0.0,
+        real_pin_hold_share=0.0,
         tsm_functions=[], applet_functions=[], new_tsm_function=False,
         new_applet_function=False, messages=32, messages_added=0, round_trips=5,
         round_trips_added=0,
