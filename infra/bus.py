@@ -44,7 +44,8 @@ _DEVICE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 # The service queues of the routing convention (queue name -> binding patterns).
 SERVICE_QUEUES: Mapping[str, tuple[str, ...]] = {
-    "orchestrator": ("*.reply.#", "app.event.#"),
+    # callcentre.cmd.#: authenticated operator requests (orchestrator/callcentre.py)
+    "orchestrator": ("*.reply.#", "app.event.#", "callcentre.cmd.#"),
     "tsm": ("tsm.cmd.#", "se.result.#"),
     "ca": ("ca.cmd.#",),
 }
