@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import sqlite3
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -23,11 +25,13 @@ from typing import Any
 import aio_pika
 import aiomqtt
 import pytest
+from click.testing import CliRunner
 
 from device_sim.app import DELETED_MARK
 from device_sim.fleet import Fleet, applet_deleted_first
 from infra.mqtt import MqttAddress
 from infra.transport.base import Transport
+from jpki.audit import audit_command
 from jpki.run import RunOutcome, RunSettings, Services, run_embedded, run_stack
 from protocol.envelope import InvalidMessage, decode
 from tests.e2e.secrets_scan import Captured, scan
@@ -76,8 +80,30 @@ async def test_mixed_fleet_on_the_embedded_default(tmp_path: Path) -> None:
     assert {p["profile"] for p in outcome.phones} == {
         "new", "second_hand", "reinstalled", "unsupported"}
     assert {p["certificates"] for p in outcome.phones} == {"both", "auth", "sign"}
-    # the stores stay for inspection
+    # the stores stay for inspection, and jpki audit reads them: break two invariants on
+    # purpose and see each named, by the command and with its exit code
     assert {"orchestrator.db", "ca.db", "tsm.db"} <= set(os.listdir(tmp_path))
+    clean = await asyncio.to_thread(CliRunner().invoke, audit_command,
+                                    ["--data-dir", str(tmp_path)])
+    assert clean.exit_code == 0, clean.output
+    assert "every invariant holds" in clean.output
+    issued = next(p for p in outcome.phones
+                  if p["outcome"] == "issued" and p["profile"] == "new")
+    with sqlite3.connect(tmp_path / "orchestrator.db") as db:
+        saga_id, data = db.execute(
+            "SELECT saga_id, data FROM sagas WHERE status = 'completed' AND data LIKE ?",
+            (f'%"device_id":"{issued["device_id"]}"%',),
+        ).fetchall()[-1]
+        db.execute("UPDATE sagas SET status = 'compensated' WHERE saga_id = ?", (saga_id,))
+    serials = {c["serial"] for c in json.loads(data)["issued"]}
+    (tmp_path / "phones" / f"{issued['device_id']}.se.json").unlink()  # the phone is gone
+    broken = await asyncio.to_thread(CliRunner().invoke, audit_command,
+                                     ["--data-dir", str(tmp_path), "--json"])
+    assert broken.exit_code == 1, broken.output
+    found = json.loads(broken.output)["violations"]
+    named = {(v["invariant"], v["subject"]) for v in found}
+    assert named == {("certificate_left_by_compensated_saga", s) for s in serials} | {
+        ("active_certificate_without_key", s) for s in serials}
 
 
 def _services(amqp_vhost_url: str, mqtt_url: str, pg_url: str, unique: str) -> Services:
