@@ -32,6 +32,7 @@ import resource
 import string
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -362,6 +363,7 @@ class FaultyLink(PhoneLink):
         self._up = asyncio.Event()
         self._disconnect_after: int | None = None  # down messages until the disconnect
         self._bounce: asyncio.Task[None] | None = None
+        self._outbox: deque[Message] = deque()
         self.dropped = 0
         self.disconnects = 0
 
@@ -372,8 +374,13 @@ class FaultyLink(PhoneLink):
 
     async def start(self, on_message: DownHandler) -> None:
         self._handler = on_message
-        self._inner = self._make_link(self.device_id)
-        await self._inner.start(self._on_down)
+        await self._connect()
+
+    async def _connect(self) -> None:
+        inner = self._inner = self._make_link(self.device_id)
+        await inner.start(self._on_down)
+        while self._outbox:  # what the app sent meanwhile joins the end: order holds
+            await inner.send(self._outbox.popleft())
         self._up.set()
 
     def _drop(self, message: Message) -> bool:
@@ -406,9 +413,7 @@ class FaultyLink(PhoneLink):
         self.disconnects += 1
         log.info("fleet.disconnected", device_id=self.device_id)
         await asyncio.sleep(self._faults.reconnect_after_s)
-        self._inner = self._make_link(self.device_id)
-        await self._inner.start(self._on_down)
-        self._up.set()
+        await self._connect()
         log.info("fleet.reconnected", device_id=self.device_id)
 
     async def send(self, message: Message) -> None:
@@ -416,9 +421,12 @@ class FaultyLink(PhoneLink):
             await asyncio.sleep(self._faults.latency_s)
         if self._drop(message):
             return
-        await self._up.wait()
-        if self._inner is None:
-            raise JpkiError("link closed")
+        if not self._up.is_set() or self._inner is None:
+            # Offline: kept in the client's outbox, as an MQTT client with a persistent
+            # session does, and sent on reconnection. Waiting here instead would hold the
+            # app while the reconnection hands it the messages that waited for it.
+            self._outbox.append(message)
+            return
         await self._inner.send(message)
 
     async def close(self) -> None:

@@ -31,7 +31,7 @@ from infra.transport.inprocess import InProcessTransport
 from infra.transport.phone_link import InProcessPhoneHub
 from orchestrator import messages as om
 from protocol import jpki
-from protocol.envelope import build
+from protocol.envelope import build, decode
 from workers.ca.authority import CertificateAuthority, Holder
 from workers.ca.keystore import Passphrase
 from workers.tsm import messages as tsm
@@ -214,3 +214,39 @@ async def test_latency_and_drops_apply_to_sp_tsm_traffic_only(hub):
     assert received == ["app.cmd.result"]  # the script was dropped, the app message was not
     assert link.dropped == 1
     assert time.monotonic() - started >= 0.05
+
+
+async def test_an_app_that_answers_while_its_link_is_down_loses_nothing(hub):
+    """The app answers from inside its message handler; if the link drops meanwhile, the
+    answers wait in the client's outbox and the messages held for it still arrive."""
+    bus, phone_hub = hub
+    await bus.transport.declare_queue("tap", ["app.event.#"])
+    answers: list[str] = []
+
+    async def tap(delivery):
+        answers.append(decode(delivery.body).envelope.causation_id)
+        await delivery.ack()
+
+    await bus.transport.consume("tap", tap)
+    faults = NetworkFaults(latency_s=0.05, disconnect_rate=1.0, reconnect_after_s=0.2)
+    link = FaultyLink(phone_hub.link, "phone-z", faults, random.Random(5))
+    one_at_a_time = asyncio.Lock()  # as the app's UI thread
+
+    async def app(message):
+        async with one_at_a_time:
+            online = om.Online(device_id="phone-z", app_instance_id="a" * 32)
+            answer = build(online, device_id="phone-z", causation_id=message.envelope.saga_id)
+            await link.send(answer)
+
+    await link.start(app)
+    link.arm_disconnect()
+    for n in range(8):
+        await bus.publish(_down("phone-z", n))
+        await asyncio.sleep(0.02)
+    for _ in range(100):
+        if len(answers) == 8:
+            break
+        await asyncio.sleep(0.05)
+    await link.close()
+    assert link.disconnects == 1
+    assert answers == [f"saga-{n}" for n in range(8)]
