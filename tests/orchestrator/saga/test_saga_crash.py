@@ -21,6 +21,7 @@ import pytest
 from sqlalchemy import func, select
 
 from infra.db import Database
+from infra.transport.rabbitmq import RabbitMQTransport
 from orchestrator.demo.participant import effect_log
 from orchestrator.saga.tables import sagas
 
@@ -110,12 +111,19 @@ async def test_sigkill_mid_run_every_saga_ends_and_no_effect_twice(
         procs = [_spawn("participant", part_args, log), _spawn("orchestrator", orch_args, log)]
         after = await _wait(orch_db, lambda c: c.get("completed", 0) + c.get(
             "compensated", 0) == SAGAS, within=120)
+        _stop(*procs)
+        rejected = sum(1 for i in range(SAGAS) if i % REJECT_EVERY == REJECT_EVERY - 1)
+        assert after == {"completed": SAGAS - rejected, "compensated": rejected}, (
+            after, log.read_text()[-3000:])
+        effects = await effect_log(part_db)
     finally:
         _stop(*procs)
-    rejected = sum(1 for i in range(SAGAS) if i % REJECT_EVERY == REJECT_EVERY - 1)
-    assert after == {"completed": SAGAS - rejected, "compensated": rejected}, (
-        after, log.read_text()[-3000:])
-    effects = await effect_log(part_db)
+        await _remove_broker_topology(amqp_url, unique)
+        if store == "postgres":
+            await orch_db.drop_schema()
+            await part_db.drop_schema()
+        await orch_db.close()
+        await part_db.close()
     counted = collections.Counter(effects)
     assert max(counted.values()) == 1, [e for e, n in counted.items() if n > 1]
     per_saga = collections.defaultdict(list)
@@ -127,8 +135,16 @@ async def test_sigkill_mid_run_every_saga_ends_and_no_effect_twice(
             assert got == [("reserve", "do"), ("reserve", "undo")], (i, got)
         else:
             assert got == [("reserve", "do"), ("charge", "do"), ("ship", "do")], (i, got)
-    if store == "postgres":
-        await orch_db.drop_schema()
-        await part_db.drop_schema()
-    await orch_db.close()
-    await part_db.close()
+
+
+async def _remove_broker_topology(amqp_url: str, unique: str) -> None:
+    transport = RabbitMQTransport(amqp_url, exchange=f"jpki-crash-{unique}",
+                                  dead_letter_exchange=f"jpki-crash-{unique}.dlx")
+    await transport.connect()
+    try:
+        for queue, keys in ((f"{unique}-demo-orchestrator", ["demo.reply.#"]),
+                            (f"{unique}-demo-participant", ["demo.cmd.#"])):
+            await transport.declare_queue(queue, keys)
+        await transport.delete_topology()
+    finally:
+        await transport.close()
