@@ -34,7 +34,7 @@ Adding a service's tables (E: ``workers/ca``, F: ``workers/tsm``; already regist
 1. create ``workers/ca/migrations/`` with ``__init__.py`` (empty), ``env.py`` (copy
    ``orchestrator/migrations/env.py``: two lines), ``script.py.mako`` (copy) and
    ``versions/``;
-2. ``python -m infra.db.migrate revision ca -m "certificates"`` writes
+2. ``python -m infra.db revision ca -m "certificates"`` writes
    ``versions/<id>_certificates.py``; in its ``upgrade()`` call
    ``infra.db.messaging.create_messaging_tables()`` (outbox + inbox) in the *first*
    migration, then ``op.create_table(...)`` your tables;

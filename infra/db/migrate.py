@@ -7,8 +7,8 @@ Each service keeps its migrations beside its code (``orchestrator/migrations``,
 sharing a history.
 
     await upgrade(db, "orchestrator")            # to head, inside the process at start-up
-    python -m infra.db.migrate upgrade ca --url postgresql+asyncpg://...
-    python -m infra.db.migrate revision ca -m "certificates table"
+    python -m infra.db upgrade ca --url postgresql+asyncpg://...
+    python -m infra.db revision ca -m "certificates table"
 """
 
 from __future__ import annotations
@@ -100,6 +100,10 @@ def cli() -> None:
 def upgrade_command(
     service: str, url: str | None, data_dir: str, schema: str | None, revision: str
 ) -> None:
+    try:
+        migrations_dir(service)
+    except DatabaseConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     db = Database.for_service(service, url=url, data_dir=data_dir, schema=schema)
 
     async def go() -> None:
@@ -117,8 +121,7 @@ def upgrade_command(
 @click.option("-m", "--message", required=True)
 def revision_command(service: str, message: str) -> None:
     """Write a new empty migration into the service's ``versions/``."""
-    command.revision(_config(service), message=message)
-
-
-if __name__ == "__main__":
-    cli()
+    try:
+        command.revision(_config(service), message=message)
+    except DatabaseConfigError as exc:
+        raise click.ClickException(str(exc)) from None

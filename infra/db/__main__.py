@@ -1,0 +1,5 @@
+"""``python -m infra.db upgrade <service>`` / ``revision <service> -m ...``."""
+
+from infra.db.migrate import cli
+
+cli()
