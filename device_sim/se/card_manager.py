@@ -16,12 +16,12 @@ import enum
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from hmac import compare_digest
 from typing import Any
 
 import structlog
 
 from device_sim.se.applet_api import Applet, AppletFactory, CommandContext
+from protocol import tlv
 from protocol.apdu import CommandAPDU, ResponseAPDU
 from protocol.errors import (
     JpkiError,
@@ -29,25 +29,21 @@ from protocol.errors import (
     SecureChannelError,
     StatusWord,
 )
-from protocol.scp03._primitives import AesKey, key_check_value
+from protocol.scp03 import key_check_value
 from protocol.scp03.card import CardAwaitingAuthentication, CardSecureChannel, CardSession
+from protocol.scp03.keyblock import KeyBlockError, parse_put_key_data
 from protocol.scp03.keys import S8, StaticKeys
 
 log = structlog.get_logger(__name__)
 
 ISD_AID = bytes.fromhex("A000000151000000")  # GP-registered ISD AID
-SEQUENCE_COUNTER_MAX = 0xFFFFFF  # 3 bytes (Amd D §6.2.2.1)
 GET_STATUS_CHUNK = 0xF0  # response data per GET STATUS page before 6310 "more data"
 
 SW_MORE_DATA = 0x6310
-_OUTSIDE_SESSION = CommandContext(secure=False)
 SW_SELECTION_FAILED = 0x6999
+C_MAC = 0x01  # security level bit (Amd D §5.1): card management needs at least C-MAC
 
-# Security level bits (Amd D §5.1).
-C_MAC = 0x01
-C_DECRYPTION = 0x02
-R_MAC = 0x10
-R_ENCRYPTION = 0x20
+_OUTSIDE_SESSION = CommandContext(secure=False)
 
 
 class CardLifeCycle(enum.IntEnum):
@@ -271,55 +267,6 @@ class _OpenChannel:
         return int(self.session.security_level) if self.session is not None else 0
 
 
-class _Tlv:
-    """BER-TLV as GP data objects use it (tags of 1-2 bytes, definite lengths)."""
-
-    @staticmethod
-    def encode(tag: int, value: bytes) -> bytes:
-        tag_bytes = tag.to_bytes(2 if tag > 0xFF else 1, "big")
-        n = len(value)
-        if n < 0x80:
-            length = bytes((n,))
-        elif n <= 0xFF:
-            length = bytes((0x81, n))
-        else:
-            length = b"\x82" + n.to_bytes(2, "big")
-        return tag_bytes + length + value
-
-    @staticmethod
-    def decode_all(data: bytes) -> list[tuple[int, bytes]]:
-        out: list[tuple[int, bytes]] = []
-        i, n = 0, len(data)
-        while i < n:
-            tag = data[i]
-            i += 1
-            if tag & 0x1F == 0x1F:  # ISO 7816-4 §5.2.2.1: a second tag byte follows
-                if i >= n:
-                    raise MalformedTLV("truncated tag")
-                tag = (tag << 8) | data[i]
-                i += 1
-            if i >= n:
-                raise MalformedTLV("missing length")
-            first = data[i]
-            i += 1
-            if first < 0x80:
-                length = first
-            elif first in (0x81, 0x82):
-                width = first - 0x80
-                if i + width > n:
-                    raise MalformedTLV("truncated length")
-                length = int.from_bytes(data[i : i + width], "big")
-                i += width
-            else:
-                raise MalformedTLV("unsupported length form")
-            if i + length > n:
-                raise MalformedTLV("value runs past the data")
-            out.append((tag, bytes(data[i : i + length])))
-            i += length
-        return out
-
-
-tlv = _Tlv()
 
 
 @dataclass(slots=True)
@@ -370,7 +317,9 @@ class CardManager:
                 self._channel = None  # GP §10.x: a security failure ends the session
             log.debug("card_manager.refused", ins=f"{command.ins:02X}", sw=f"{exc.sw:04X}")
             return ResponseAPDU.status(exc.sw)
-        except (SecureChannelError, MalformedTLV) as exc:
+        except MalformedTLV:
+            return self._wrap(ResponseAPDU.status(StatusWord.WRONG_DATA))
+        except SecureChannelError as exc:
             self._channel = None
             log.info("card_manager.secure_channel_failed", error=type(exc).__name__)
             return ResponseAPDU.status(StatusWord.SECURITY_STATUS_NOT_SATISFIED)
@@ -584,7 +533,7 @@ class CardManager:
             raise _refuse(StatusWord.CONDITIONS_NOT_SATISFIED, "SD creation not supported")
         application_params = b""
         if params:
-            for tag, value in tlv.decode_all(params):
+            for tag, value in _pairs(params):
                 if tag == 0xC9:
                     application_params = value
         applet = load_file.factory(app_aid, application_params)
@@ -599,7 +548,7 @@ class CardManager:
         if command.p1 != 0x00 or command.p2 not in (0x00, 0x80):
             raise _refuse(StatusWord.INCORRECT_P1P2, "DELETE P1/P2")
         aid = None
-        for tag, value in tlv.decode_all(command.data):
+        for tag, value in _pairs(command.data):
             if tag == 0x4F:
                 aid = value
         if aid is None:
@@ -623,7 +572,7 @@ class CardManager:
             if not self._status_pages:
                 raise _refuse(StatusWord.REFERENCED_DATA_NOT_FOUND, "no more data")
             return self._next_status_page()
-        criteria = tlv.decode_all(command.data)
+        criteria = _pairs(command.data)
         prefix = next((value for tag, value in criteria if tag == 0x4F), None)
         if prefix is None:
             raise _refuse(StatusWord.WRONG_DATA, "GET STATUS needs a 4F search criterion")
@@ -756,7 +705,11 @@ class CardManager:
         if replaced_kvn and replaced_kvn not in sd.key_sets:
             raise _refuse(StatusWord.REFERENCED_DATA_NOT_FOUND, "no key set to replace")
         dek = channel.sd.key_sets[channel.kvn].dek
-        new_kvn, keys = _parse_put_key(command.data, dek)
+        try:
+            new_kvn, components = parse_put_key_data(dek, command.data)
+        except KeyBlockError:
+            raise _refuse(StatusWord.WRONG_DATA, "PUT KEY key data") from None
+        keys = [component.key for component in components]
         if len(keys) != 3 or not 0x01 <= new_kvn <= 0x7F:
             raise _refuse(StatusWord.WRONG_DATA, "PUT KEY needs ENC, MAC, DEK and a KVN 01-7F")
         if not replaced_kvn and new_kvn in sd.key_sets:
@@ -780,7 +733,7 @@ class CardManager:
         if sd is not self.isd:
             raise _refuse(StatusWord.CONDITIONS_NOT_SATISFIED, "card data belongs to the ISD")
         updates: dict[str, bytes] = {}
-        for tag, value in tlv.decode_all(command.data):
+        for tag, value in _pairs(command.data):
             if tag == 0x42:
                 updates["iin"] = value
             elif tag == 0x45:
@@ -870,42 +823,9 @@ class CardManager:
         return manager
 
 
-def _parse_put_key(data: bytes, dek: bytes) -> tuple[int, list[bytes]]:
-    """New KVN and the clear keys of a PUT KEY data field (GP §11.8.2.3, Amd D §7.2).
-
-    Each key: type '88' (AES), length, key data, KCV length '03', KCV. Both key-data
-    styles in the field are accepted: Amd D's ``<key length> <encrypted key>`` (what
-    GlobalPlatformPro sends) and the bare ``<encrypted key>`` of earlier cards. The key is
-    encrypted under Key-DEK with AES-CBC and a zero ICV; its KCV must match.
-    """
-    if not data:
-        raise _refuse(StatusWord.WRONG_DATA, "PUT KEY without data")
-    new_kvn, offset, keys = data[0], 1, []
-    dek_key = AesKey(dek)
-    while offset < len(data):
-        if offset + 2 > len(data):
-            raise _refuse(StatusWord.WRONG_DATA, "truncated key block")
-        key_type, length = data[offset], data[offset + 1]
-        block = data[offset + 2 : offset + 2 + length]
-        offset += 2 + length
-        if key_type != 0x88 or len(block) != length:
-            raise _refuse(StatusWord.WRONG_DATA, "only complete AES key blocks")
-        if length in (17, 25, 33) or (length > 16 and length % 16 == 1):
-            key_length, encrypted = block[0], block[1:]
-        else:
-            key_length, encrypted = length, block
-        if key_length not in (16, 24, 32) or not encrypted or len(encrypted) % 16:
-            raise _refuse(StatusWord.WRONG_DATA, "AES key length")
-        key = dek_key.cbc_decrypt(bytes(16), encrypted)[:key_length]
-        if offset >= len(data):
-            raise _refuse(StatusWord.WRONG_DATA, "key block without KCV")
-        kcv_length = data[offset]
-        kcv = data[offset + 1 : offset + 1 + kcv_length]
-        offset += 1 + kcv_length
-        if kcv_length != 3 or len(kcv) != 3 or not compare_digest(kcv, key_check_value(key)):
-            raise _refuse(StatusWord.WRONG_DATA, "key check value does not match")
-        keys.append(key)
-    return new_kvn, keys
+def _pairs(data: bytes) -> list[tuple[int, bytes]]:
+    """(tag, value) of each top-level data object."""
+    return [(node.tag, node.value) for node in tlv.decode(data)]
 
 
 def _length_prefixed(data: bytes, count: int) -> list[bytes]:

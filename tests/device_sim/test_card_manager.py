@@ -25,8 +25,9 @@ from device_sim.se.jpki_applet import JpkiAppletFactory, PooledKeys
 from protocol import jpki
 from protocol.apdu import CommandAPDU, ResponseAPDU
 from protocol.errors import CryptogramMismatch
-from protocol.scp03._primitives import AesKey, key_check_value
+from protocol.scp03 import KeyBlockStyle, key_check_value
 from protocol.scp03.host import AuthenticatedHost, HostSession
+from protocol.scp03.keyblock import put_key_command
 from protocol.scp03.keys import pseudo_random_card_challenge
 
 ELF = bytes.fromhex("D392F0002601")
@@ -429,12 +430,11 @@ def test_card_life_cycle_belongs_to_the_issuer_domain(se: SecureElement) -> None
 
 
 def _put_key(current: int, new: KeySet, dek: bytes, *, length_prefixed: bool) -> CommandAPDU:
-    data = bytes((new.kvn,))
-    for key in (new.enc, new.mac, new.dek):
-        encrypted = AesKey(dek).cbc_encrypt(bytes(16), key)
-        block = (bytes((len(key),)) + encrypted) if length_prefixed else encrypted
-        data += bytes((0x88, len(block))) + block + b"\x03" + key_check_value(key)
-    return CommandAPDU(0x80, 0xD8, current, 0x81, data, le=256)
+    style = KeyBlockStyle.LENGTH_PREFIXED if length_prefixed else KeyBlockStyle.PLAIN
+    return put_key_command(
+        dek, old_key_version=current, new_key_version=new.kvn,
+        keys=[new.enc, new.mac, new.dek], style=style,
+    )
 
 
 @pytest.mark.parametrize("length_prefixed", [True, False], ids=["Amd D style", "bare key"])

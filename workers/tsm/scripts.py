@@ -30,11 +30,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from orchestrator.messages import CertificateKind, PinOption
-from protocol import jpki
+from protocol import jpki, tlv
 from protocol.apdu import CommandAPDU, ResponseAPDU
 from protocol.errors import CardError, JpkiError, MalformedAPDU, MalformedTLV, SecureChannelError
-from protocol.scp03._primitives import AesKey, key_check_value
+from protocol.scp03 import key_check_value
 from protocol.scp03.host import AuthenticatedHost, HostSession, OfflineHostSession
+from protocol.scp03.keyblock import put_key_command
 from protocol.scp03.keys import StaticKeys
 
 Random = Callable[[int], bytes]
@@ -118,12 +119,12 @@ def _select(aid: bytes) -> CommandAPDU:
 
 def get_status_command(aid: bytes) -> CommandAPDU:
     """GET STATUS of applications and SDs matching ``aid``, TLV format (GP §11.4)."""
-    return CommandAPDU(0x80, 0xF2, 0x40, 0x02, _tlv(0x4F, aid), le=256)
+    return CommandAPDU(0x80, 0xF2, 0x40, 0x02, tlv.encode(0x4F, aid), le=256)
 
 
 def delete_command(aid: bytes) -> CommandAPDU:
     """DELETE the application and everything it owns (GP §11.2)."""
-    return CommandAPDU(0x80, 0xE4, 0x00, 0x00, _tlv(0x4F, aid), le=256)
+    return CommandAPDU(0x80, 0xE4, 0x00, 0x00, tlv.encode(0x4F, aid), le=256)
 
 
 def install_command(
@@ -133,22 +134,6 @@ def install_command(
     data = b"".join(bytes((len(f),)) + f for f in (elf_aid, module_aid, instance_aid, privileges))
     data += b"\x02\xc9\x00" + b"\x00"
     return CommandAPDU(0x80, 0xE6, 0x0C, 0x00, data, le=256)
-
-
-def put_key_command(current_kvn: int, new_kvn: int, dek: bytes, keys: StaticKeys) -> CommandAPDU:
-    """PUT KEY replacing ``current_kvn`` with three AES keys (GP §11.8, Amd D §7.2).
-
-    Key blocks in Amd D's length-prefixed style: '88' L <key length> <key under Key-DEK,
-    AES-CBC, zero ICV> '03' <KCV>.
-    """
-    dek_key = AesKey(dek)
-    data = bytes((new_kvn,))
-    for key in (keys.enc, keys.mac, keys.dek):
-        padded = key + bytes(-len(key) % 16)
-        encrypted = dek_key.cbc_encrypt(bytes(16), padded)
-        block = bytes((len(key),)) + encrypted
-        data += bytes((0x88, len(block))) + block + b"\x03" + key_check_value(key)
-    return CommandAPDU(0x80, 0xD8, current_kvn, 0x81, data, le=256)
 
 
 def plan_inspect() -> OperationPlan:
@@ -273,7 +258,17 @@ def plan_rotate(current_kvn: int, new_kvn: int, dek: bytes, new_keys: StaticKeys
     return OperationPlan(
         "rotate_keys",
         SP_SD_AID,
-        (Step("PUT KEY", put_key_command(current_kvn, new_kvn, dek, new_keys)),),
+        (
+            Step(
+                "PUT KEY",
+                put_key_command(
+                    dek,
+                    old_key_version=current_kvn,
+                    new_key_version=new_kvn,
+                    keys=[new_keys.enc, new_keys.mac, new_keys.dek],
+                ),
+            ),
+        ),
     )
 
 
@@ -429,50 +424,6 @@ def _check_sw(response: ResponseAPDU, expect: tuple[int, ...], step: str) -> Non
 # ------------------------------------------------------------------------------- answers
 
 
-def _tlv(tag: int, value: bytes) -> bytes:
-    tag_bytes = tag.to_bytes(2 if tag > 0xFF else 1, "big")
-    n = len(value)
-    if n < 0x80:
-        length = bytes((n,))
-    elif n <= 0xFF:
-        length = bytes((0x81, n))
-    else:
-        length = b"\x82" + n.to_bytes(2, "big")
-    return tag_bytes + length + value
-
-
-def _decode_tlv(data: bytes) -> list[tuple[int, bytes]]:
-    out: list[tuple[int, bytes]] = []
-    i, n = 0, len(data)
-    while i < n:
-        tag = data[i]
-        i += 1
-        if tag & 0x1F == 0x1F:
-            if i >= n:
-                raise MalformedTLV("truncated tag")
-            tag = (tag << 8) | data[i]
-            i += 1
-        if i >= n:
-            raise MalformedTLV("missing length")
-        first = data[i]
-        i += 1
-        if first < 0x80:
-            length = first
-        elif first in (0x81, 0x82):
-            width = first - 0x80
-            if i + width > n:
-                raise MalformedTLV("truncated length")
-            length = int.from_bytes(data[i : i + width], "big")
-            i += width
-        else:
-            raise MalformedTLV("unsupported length form")
-        if i + length > n:
-            raise MalformedTLV("value runs past the data")
-        out.append((tag, bytes(data[i : i + length])))
-        i += length
-    return out
-
-
 @dataclass(frozen=True, slots=True)
 class AppletStatus:
     present: bool
@@ -486,10 +437,10 @@ def interpret_status(response: ResponseAPDU, aid: bytes = JPKI_INSTANCE_AID) -> 
     if response.sw == SW_NOT_FOUND:
         return AppletStatus(present=False)
     try:
-        for tag, template in _decode_tlv(response.data):
-            if tag != 0xE3:
+        for template in tlv.decode(response.data):
+            if template.tag != 0xE3:
                 continue
-            fields = dict(_decode_tlv(template))
+            fields = {node.tag: node.value for node in template.children}
             if fields.get(0x4F) != aid:
                 continue
             life_cycle = fields.get(0x9F70, b"")
