@@ -298,6 +298,8 @@ class PhoneResult:
     reason: str | None = None
     login: str = "n/a"  # "ok", "refused:<reason>", "n/a" (no auth certificate) or "failed"
     prior_outcome: str | None = None  # second-hand / reinstalled: the earlier issuance
+    owner: str = ""  # person id of the phone's user (opaque, as the CA knows them)
+    previous_owner: str | None = None  # second-hand: who used the phone before
     scripts: list[str] = field(default_factory=list)  # SP-TSM operations on the SE, in order
     screens: int = 0
     user_actions: int = 0
@@ -637,6 +639,8 @@ async def run_phone(
         model=phone.device.model,
         certificates=phone.certificates,
         pin_option=int(phone.pin_option),
+        owner=phone.owner.person_id,
+        previous_owner=phone.previous_owner.person_id if phone.previous_owner else None,
     )
     phone.result = result
     faulty = (
