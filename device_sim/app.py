@@ -862,6 +862,12 @@ class AppCore:
         kind = issuance.pins_to_set[0]
         code = strategy(issuance.pin_option).user_code
         secret = self._secret(values.get("code", ""), SecretKind(code.value))
+        rule = jp.PUK_RULE if code is UserCode.PUK else PIN_RULE_OF[kind]
+        if secret.wiped or not rule.accepts(secret.reveal()):
+            # Not even the code's format: asked again without spending a try on the SE.
+            self._wipe(secret)
+            notice = f"A {CODE_NAMES[code]} is {rule.min_length}-{rule.max_length} characters."
+            return [self._show(enter_code_screen(kind, code, notice))]
         failed = self._put_first_pin(issuance, kind, secret, with_puk=code is UserCode.PUK)
         if failed:
             return failed
