@@ -312,6 +312,8 @@ class TsmEngine:
                 _check_pseudo_random(result.responses)
                 plains = session.verify_offline(result.responses)
             except SequenceCounterMismatch as exc:
+                if not session.counter_is_authentic(result.responses, exc.actual):
+                    raise SecureChannelError("forged sequence counter") from None
                 log.warning("tsm.counter_drift", predicted=predicted, actual=exc.actual,
                             attempt=attempt)
                 record.sequence_counter = exc.actual

@@ -350,6 +350,32 @@ class ScriptSession:
         session.unwrap(parsed[2])  # EA refused: CryptogramMismatch
         return self._verify_commands(session, parsed[3:])
 
+    def counter_is_authentic(self, responses: Sequence[bytes], counter: int) -> bool:
+        """Whether the INITIALIZE UPDATE answer really comes from the SE at ``counter``.
+
+        The counter in that answer is not protected; its card cryptogram is. It verifies
+        only with the challenge of the true counter, so a forged counter cannot make the
+        TSM move its record (which would deny the SE service).
+        """
+        session = self._offline
+        if session is None or len(responses) < 2:
+            return False
+        access = self.access
+        try:
+            probe = OfflineHostSession.predict(
+                access.keys,
+                key_version=access.key_version,
+                sequence_counter=counter,
+                sd_aid=access.sd_aid,
+                security_level=self.security_level,
+                host_challenge=session.initialize_update_command.data,
+                key_diversification_data=access.kdd,
+            )
+            probe.unwrap(ResponseAPDU.from_bytes(responses[1]))
+        except (SecureChannelError, MalformedAPDU):
+            return False
+        return True
+
     # -- two round trips ---------------------------------------------------------------
 
     def first_round(self) -> list[WireStep]:

@@ -415,6 +415,27 @@ async def test_tampered_answers_are_rejected(
     assert reply.failure is not None and reply.failure.code is code
 
 
+async def test_a_forged_counter_does_not_move_the_record(ring: MasterKeyRing) -> None:
+    class CounterForger(InProcessPhoneLink):
+        async def exchange(self, device_id: str, script: m.SeScript) -> m.SeScriptResult:
+            result = await super().exchange(device_id, script)
+            responses = list(result.responses)
+            iu = responses[1]
+            responses[1] = iu[:-5] + b"\xff\xff\xf0" + iu[-2:]  # counter FFFFF0
+            return m.SeScriptResult(script_id=result.script_id, responses=responses,
+                                    completed=result.completed)
+
+    world = World(ring, CounterForger())
+    phone = world.phone(pooled=True)
+    reply = await world.run(phone.command(m.InspectSe))
+    assert reply.failure is not None and reply.failure.code is m.ErrorCode.SECURE_CHANNEL
+    assert reply.round_trips == 1
+    record = await world.registry.get(phone.identity.cin)
+    assert record.sequence_counter == 1  # the counter spent on the real SE, nothing forged
+    world.link.__class__ = InProcessPhoneLink  # the attacker goes away
+    assert (await world.run(phone.command(m.InspectSe))).round_trips == 1
+
+
 async def test_wrong_keys_are_rejected(world: World) -> None:
     stranger = MasterKeyRing({0x30: MasterKeys.generate(0x30)}, 0x30)
     phone = world.phone(pooled=True, ring=stranger)
