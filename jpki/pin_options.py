@@ -18,7 +18,8 @@ the embedded default (orchestrator, SP-TSM and CA workers, phones with their SEs
 
 From those measurements the documented rules below (``derive_marks``) give the seed's
 columns — pros/cons, security, convenience, cost — in the seed's symbols, printed beside the
-seed's own ratings (``docs/pin-options.md``).
+seed's own ratings (``docs/pin-options.md``). The invariant checker of ``jpki audit`` runs
+over the stores afterwards; a broken invariant makes the command exit 1.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterable, Sequence
@@ -36,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import structlog
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding
@@ -55,8 +56,6 @@ from protocol import jpki
 from protocol.apdu import CommandAPDU, ResponseAPDU
 from protocol.envelope import InvalidMessage, decode
 from protocol.errors import StatusWord
-
-log = structlog.get_logger(__name__)
 
 # The seed's table (seed README, "Reference: PIN-setting options studied in FY2016").
 SEED_MARKS: dict[PinOption, tuple[str, str, str]] = {  # security, convenience, cost
@@ -542,8 +541,14 @@ def pros_cons(m: OptionMeasurement) -> str:
 # The run
 
 
+@dataclass(slots=True)
+class Measured:
+    options: dict[PinOption, OptionMeasurement]
+    audit: list[dict[str, str]]  # the invariant checker over the run's stores (jpki audit)
+
+
 async def measure(phones_per_option: int, data_dir: Path, *, seed: int = 1,
-                  key_pool: int | None = 16) -> dict[PinOption, OptionMeasurement]:
+                  key_pool: int | None = 16) -> Measured:
     options = list(STRATEGIES)
     settings = RunSettings(
         phones=phones_per_option * len(options), data_dir=data_dir, seed=seed,
@@ -568,8 +573,6 @@ async def measure(phones_per_option: int, data_dir: Path, *, seed: int = 1,
                 _slip_on_codes(phone)
 
     outcome = await run_stack(settings, EMBEDDED, on_transport=tally.attach, on_fleet=instrument)
-    if outcome.audit:
-        log.warning("pin_options.audit_broken", violations=len(outcome.audit))
     per_option: dict[PinOption, list[PhoneMeasurement]] = {o: [] for o in options}
     for phone in fleets[0].phones:
         per_option[phone.pin_option].append(measure_phone(
@@ -577,7 +580,7 @@ async def measure(phones_per_option: int, data_dir: Path, *, seed: int = 1,
         ))
     measured = {o: summarise(o, phones) for o, phones in per_option.items()}
     compare(measured)
-    return measured
+    return Measured(measured, outcome.audit)
 
 
 def _slip_on_codes(phone: Phone) -> None:
@@ -654,9 +657,17 @@ def report_command(phones: int, as_json: bool, seed: int, data_dir: Path | None,
     configure_logging("pin-options", level=log_level, pretty=False)
     with tempfile.TemporaryDirectory(prefix="jpki-pin-options-") as scratch:
         directory = data_dir or Path(scratch)
-        measured = asyncio.run(measure(phones, directory, seed=seed))
+        run = asyncio.run(measure(phones, directory, seed=seed))
+    measured = run.options
     if as_json:
         click.echo(json.dumps([asdict(measured[o]) for o in sorted(measured)],
                               indent=2, ensure_ascii=False))
-        return
-    render(measured, Console(width=200))
+    else:
+        render(measured, Console(width=200))
+        if not run.audit:
+            click.echo("audit: every invariant holds")
+    if run.audit:
+        for violation in run.audit:
+            click.echo(f"audit: BROKEN {violation['invariant']}: {violation['subject']}: "
+                       f"{violation['detail']}", err=True)
+        sys.exit(1)

@@ -36,6 +36,7 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> dict[PinOption, Option
         "pin-options", "report", "--phones", "2", "--seed", "7", "--json",
         "--data-dir", str(data_dir),
     ])
+    # Exit 1 would mean the invariant checker found a broken store after the run.
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
     assert [row["option"] for row in rows] == [1, 2, 3, 4, 5, 6]
