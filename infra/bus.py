@@ -51,6 +51,7 @@ SERVICE_QUEUES: Mapping[str, tuple[str, ...]] = {
 }
 GATEWAY_QUEUE = "gateway.down"
 GATEWAY_BINDINGS = (DEVICE_ROUTING_PREFIX + "#",)
+GATEWAY_UP_QUEUE = "gateway.up"  # no bindings: holds replays of parked up messages
 
 
 class InvalidDeviceId(JpkiError):
@@ -97,6 +98,36 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, TimeoutError | ConnectionError)
 
 
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    """One durable queue of the topology (its parking lot comes with it)."""
+
+    name: str
+    bindings: tuple[str, ...]
+    single_active_consumer: bool = False
+
+
+def service_topology(
+    queues: Mapping[str, Sequence[str]] = SERVICE_QUEUES, *, gateway: bool = True
+) -> list[QueueSpec]:
+    """The queues ``declare_topology`` declares, in order.
+
+    The gateway queue has a single active consumer: with several gateways one of them
+    forwards to the phones while the others stand by, so a device's messages keep
+    their order.
+    """
+    specs = [QueueSpec(queue, tuple(bindings)) for queue, bindings in queues.items()]
+    if gateway:
+        specs.append(QueueSpec(GATEWAY_QUEUE, GATEWAY_BINDINGS, single_active_consumer=True))
+    return specs
+
+
+def deployment_topology() -> list[QueueSpec]:
+    """Every queue a deployment runs with: the service queues of the convention and the
+    gateway's two queues (``gateway.up`` has no bindings; it holds replayed up messages)."""
+    return [*service_topology(), QueueSpec(GATEWAY_UP_QUEUE, ())]
+
+
 async def declare_topology(
     transport: Transport,
     queues: Mapping[str, Sequence[str]] = SERVICE_QUEUES,
@@ -104,20 +135,13 @@ async def declare_topology(
     gateway: bool = True,
     delivery_limit: int | None = None,
 ) -> None:
-    """Declare the service queues (and the gateway's device queue) of the convention.
-
-    The gateway queue has a single active consumer: with several gateways one of them
-    forwards to the phones while the others stand by, so a device's messages keep
-    their order.
-    """
-    for queue, bindings in queues.items():
-        await transport.declare_queue(queue, bindings, delivery_limit=delivery_limit)
-    if gateway:
+    """Declare the service queues (and the gateway's device queue) of the convention."""
+    for spec in service_topology(queues, gateway=gateway):
         await transport.declare_queue(
-            GATEWAY_QUEUE,
-            GATEWAY_BINDINGS,
+            spec.name,
+            spec.bindings,
             delivery_limit=delivery_limit,
-            single_active_consumer=True,
+            single_active_consumer=spec.single_active_consumer,
         )
 
 

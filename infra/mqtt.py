@@ -21,9 +21,15 @@ pipelined.
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
+import hashlib
+import hmac
+import os
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
@@ -39,6 +45,10 @@ log = structlog.get_logger(__name__)
 TOPIC_ROOT = "jpki/dev"  # a deployment (or a test) may choose another root
 GATEWAY_SHARE_GROUP = "jpki-gateway"
 QOS = 1
+# A broker with per-device ACLs (username = device id) wants each phone to log in with its
+# own password. The simulated phones derive theirs from one provisioning secret, the file
+# named by this variable; the deployment writes the broker's password file from it.
+PHONE_SECRET_FILE_ENV = "JPKI_MQTT_PHONE_SECRET_FILE"  # noqa: S105 - a variable's name
 
 RawHandler = Callable[[aiomqtt.Message], Awaitable[None]]
 
@@ -63,6 +73,28 @@ def device_of(topic: str, root: str = TOPIC_ROOT) -> str:
     if not topic.startswith(prefix) or direction not in ("up", "down"):
         raise InvalidDeviceId("not a device topic")
     return check_device_id(device)
+
+
+def phone_password(secret: bytes, device_id: str) -> str:
+    """The MQTT password of ``device_id``: HMAC-SHA256 of its id under the secret."""
+    digest = hmac.new(secret, check_device_id(device_id).encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def read_phone_secret(path: Path) -> bytes:
+    try:
+        secret = path.read_bytes().strip()
+    except OSError:
+        raise TransportError("cannot read the MQTT phone secret file") from None
+    if len(secret) < 16:
+        raise TransportError("the MQTT phone secret must be at least 16 bytes")
+    return secret
+
+
+def phone_secret_from_environment() -> bytes | None:
+    """The provisioning secret from the file ``JPKI_MQTT_PHONE_SECRET_FILE`` names, if set."""
+    path = os.environ.get(PHONE_SECRET_FILE_ENV)
+    return read_phone_secret(Path(path)) if path else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,8 +131,15 @@ class MqttSession:
         backoff: RetryBackoff | None = None,
         rng: random.Random | None = None,
         publish_timeout: float = 10.0,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
+        """``username``/``password``, when given, replace those of the URL."""
         self._address = MqttAddress.from_url(url)
+        if username is not None:
+            self._address = dataclasses.replace(
+                self._address, username=username, password=password
+            )
         self.identifier = identifier
         self._subscriptions = tuple(subscriptions)
         self._on_message = on_message
@@ -289,7 +328,12 @@ class MqttSession:
 
 
 class MqttPhoneLink(PhoneLink):
-    """A phone's own MQTT session: its down topic in, its up topic out."""
+    """A phone's own MQTT session: its down topic in, its up topic out.
+
+    With a provisioning secret (given, or from ``JPKI_MQTT_PHONE_SECRET_FILE``) the phone
+    logs in as its device id with its derived password, as a broker with per-device ACLs
+    requires; without one it uses the URL's credentials, if any.
+    """
 
     def __init__(
         self,
@@ -299,8 +343,11 @@ class MqttPhoneLink(PhoneLink):
         topic_root: str = TOPIC_ROOT,
         backoff: RetryBackoff | None = None,
         rng: random.Random | None = None,
+        phone_secret: bytes | None = None,
     ) -> None:
         self.device_id = check_device_id(device_id)
+        secret = phone_secret if phone_secret is not None else phone_secret_from_environment()
+        self._password = None if secret is None else phone_password(secret, self.device_id)
         self._root = topic_root
         self._url = url
         self._backoff = backoff
@@ -320,6 +367,8 @@ class MqttPhoneLink(PhoneLink):
             on_message=on_raw,
             backoff=self._backoff,
             rng=self._rng,
+            username=None if self._password is None else self.device_id,
+            password=self._password,
         )
         await self._session.start()
 

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TypeVar
 
 import click
 import msgspec
 
 from infra.bus import GATEWAY_QUEUE, SERVICE_QUEUES
-from infra.transport.base import Parked, TransportError
+from infra.mqtt import phone_password, read_phone_secret
+from infra.transport.base import DEFAULT_DELIVERY_LIMIT, Parked, TransportError
+from infra.transport.definitions import broker_users, definitions_json, topology_definitions
 from infra.transport.rabbitmq import RabbitMQTransport
 
 T = TypeVar("T")
@@ -177,3 +181,94 @@ def queue_depths(
 
     for name, depth in _with_transport(amqp_url, exchange, dead_letter_exchange, depths).items():
         click.echo(f"{name:<40} {depth}")
+
+
+@ops.command("topology")
+@click.option("--definitions", "as_definitions", is_flag=True, required=True,
+              help="print the RabbitMQ definitions (the broker's import format)")
+@click.option("--delivery-limit", type=int, default=DEFAULT_DELIVERY_LIMIT, show_default=True)
+@click.option("--vhost", default="/", show_default=True)
+@exchange_option
+@dlx_option
+def topology(
+    as_definitions: bool, delivery_limit: int, vhost: str, exchange: str, dead_letter_exchange: str
+) -> None:
+    """The deployment's exchanges, quorum queues, parking lots and bindings, exactly as
+    the services declare them (deploy/rabbitmq/definitions.json is this output)."""
+    definitions = topology_definitions(
+        exchange=exchange,
+        dead_letter_exchange=dead_letter_exchange,
+        delivery_limit=delivery_limit,
+        vhost=vhost,
+    )
+    click.echo(definitions_json(definitions), nl=False)
+
+
+def _secret_line(path: Path) -> str:
+    try:
+        value = path.read_text().strip()
+    except OSError:
+        raise click.ClickException(f"cannot read {path.name}") from None
+    if not value or "\n" in value or ":" in value:
+        raise click.ClickException(f"{path.name} must hold one line without ':'")
+    return value
+
+
+def _write_private(out: Path, text: str) -> None:
+    """Create ``out`` readable by its owner only (it holds passwords or their hashes)."""
+    out.unlink(missing_ok=True)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+
+
+@ops.command("broker-users")
+@click.option("--user", "users", multiple=True, required=True, metavar="NAME=PASSWORD_FILE",
+              help="a broker user and the file holding its password (repeatable)")
+@click.option("--vhost", default="/", show_default=True)
+@click.option("--administrator", is_flag=True, help="tag the users 'administrator'")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+def broker_users_command(
+    users: tuple[str, ...], vhost: str, administrator: bool, out: Path
+) -> None:
+    """Write RabbitMQ user definitions (salted SHA-256 hashes) for import at boot."""
+    pairs = []
+    for item in users:
+        name, sep, file = item.partition("=")
+        if not sep or not name or not file:
+            raise click.BadParameter("expected NAME=PASSWORD_FILE", param_hint="--user")
+        pairs.append((name, _secret_line(Path(file))))
+    tags = ("administrator",) if administrator else ()
+    _write_private(out, json.dumps(broker_users(pairs, vhost=vhost, tags=tags), indent=2) + "\n")
+    click.echo(f"wrote {len(pairs)} user(s) to {out}")
+
+
+@ops.command("mqtt-passwords")
+@click.option("--phones", type=int, required=True, help="phones device-prefix-00000 onwards")
+@click.option("--device-prefix", default="phone", show_default=True)
+@click.option("--phone-secret-file", type=click.Path(dir_okay=False, path_type=Path),
+              required=True, help="the provisioning secret the phones derive passwords from")
+@click.option("--gateway-user", default="jpki-gateway", show_default=True)
+@click.option("--gateway-password-file", type=click.Path(dir_okay=False, path_type=Path),
+              required=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+def mqtt_passwords(
+    phones: int,
+    device_prefix: str,
+    phone_secret_file: Path,
+    gateway_user: str,
+    gateway_password_file: Path,
+    out: Path,
+) -> None:
+    """Write a plain-text Mosquitto password file (user:password a line) for the gateway
+    and the phones; hash it in place with ``mosquitto_passwd -U`` before use."""
+    try:
+        secret = read_phone_secret(phone_secret_file)
+    except TransportError as exc:
+        raise click.ClickException(str(exc)) from None
+    lines = [f"{gateway_user}:{_secret_line(gateway_password_file)}"]
+    for index in range(phones):
+        device_id = f"{device_prefix}-{index:05d}"
+        lines.append(f"{device_id}:{phone_password(secret, device_id)}")
+    _write_private(out, "\n".join(lines) + "\n")
+    click.echo(f"wrote {len(lines)} user(s) to {out}")

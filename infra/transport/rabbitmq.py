@@ -145,6 +145,30 @@ class _RabbitDelivery(Delivery):
             log.info("transport.settle_on_closed_channel", error=type(exc).__name__)
 
 
+PARKING_LOT_ARGUMENTS: Mapping[str, Any] = {"x-queue-type": "quorum"}
+
+
+def queue_arguments(
+    queue: str,
+    *,
+    delivery_limit: int,
+    dead_letter_exchange: str,
+    single_active_consumer: bool = False,
+) -> dict[str, Any]:
+    """The arguments of a service queue (``declare_queue`` and the broker definitions)."""
+    arguments: dict[str, Any] = {
+        "x-queue-type": "quorum",
+        "x-delivery-limit": delivery_limit,
+        "x-dead-letter-exchange": dead_letter_exchange,
+        "x-dead-letter-routing-key": queue,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+    }
+    if single_active_consumer:
+        arguments["x-single-active-consumer"] = True
+    return arguments
+
+
 class _RabbitSubscription(Subscription):
     def __init__(self, channel: AbstractChannel, queue: AbstractQueue) -> None:
         self.channel = channel
@@ -235,16 +259,12 @@ class RabbitMQTransport(Transport):
         single_active_consumer: bool = False,
     ) -> None:
         limit = self._default_delivery_limit if delivery_limit is None else delivery_limit
-        arguments: dict[str, Any] = {
-            "x-queue-type": "quorum",
-            "x-delivery-limit": limit,
-            "x-dead-letter-exchange": self._dlx_name,
-            "x-dead-letter-routing-key": queue,
-            "x-dead-letter-strategy": "at-least-once",
-            "x-overflow": "reject-publish",
-        }
-        if single_active_consumer:
-            arguments["x-single-active-consumer"] = True
+        arguments = queue_arguments(
+            queue,
+            delivery_limit=limit,
+            dead_letter_exchange=self._dlx_name,
+            single_active_consumer=single_active_consumer,
+        )
         async with self._conn().channel() as channel:
             try:
                 declared = await channel.declare_queue(queue, durable=True, arguments=arguments)
@@ -255,7 +275,7 @@ class RabbitMQTransport(Transport):
             for key in binding_keys:
                 await declared.bind(self._exchange_name, routing_key=key)
             parking = await channel.declare_queue(
-                parking_lot(queue), durable=True, arguments={"x-queue-type": "quorum"}
+                parking_lot(queue), durable=True, arguments=dict(PARKING_LOT_ARGUMENTS)
             )
             await parking.bind(self._dlx_name, routing_key=queue)
         known = self._declared.get(queue, ())

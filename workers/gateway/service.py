@@ -44,6 +44,7 @@ from infra.bus import (
     DEVICE_ROUTING_PREFIX,
     GATEWAY_BINDINGS,
     GATEWAY_QUEUE,
+    GATEWAY_UP_QUEUE,
     RetryBackoff,
     check_from_phone,
 )
@@ -62,7 +63,7 @@ from protocol.errors import JpkiError
 
 log = structlog.get_logger(__name__)
 
-UP_QUEUE = "gateway.up"  # no bindings: holds replays of parked up messages
+UP_QUEUE = GATEWAY_UP_QUEUE
 TOPIC_HEADER = "mqtt-topic"
 
 
