@@ -1,0 +1,177 @@
+"""One person through the whole life cycle: issue → PIN change → temporary loss → found →
+model change → loss of the new phone → issue on a third phone → PIN reset → disposal, with
+the OCSP status of every certificate they ever had checked after each stage, on the
+embedded default and on RabbitMQ + Mosquitto + PostgreSQL. At the end every phone's SE is
+clean or holds only live keys, and ``jpki audit`` finds nothing."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from jpki import audit as audit_mod
+from orchestrator import lifecycle_messages as lm
+from protocol import jpki as jp
+from protocol.errors import StatusWord
+from tests.e2e.lifecycle_stories import (
+    AUTH,
+    GOOD,
+    HELD,
+    SIGN,
+    applet_gone,
+    certificates,
+    issued,
+    stale_applet_removed_on_reconnect,
+    verify_on_se,
+)
+from tests.e2e.lifecycle_world import World, drop_schemas, lifecycle_world, real_services
+
+pytestmark = pytest.mark.e2e
+
+
+class Ledger:
+    """Every certificate of the person, with the OCSP answer it must get now."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.expected: dict[int, tuple[str, x509.Certificate, tuple[str, str | None]]] = {}
+
+    def add(self, label: str, certificate: x509.Certificate) -> None:
+        self.expected[certificate.serial_number] = (label, certificate, GOOD)
+
+    def expect(self, certificate: x509.Certificate, status: tuple[str, str | None]) -> None:
+        label, _, _ = self.expected[certificate.serial_number]
+        self.expected[certificate.serial_number] = (label, certificate, status)
+
+    async def check(self, stage: str) -> None:
+        seen = {label: await self.world.ocsp(c) for label, c, _ in self.expected.values()}
+        wanted = {label: status for label, _, status in self.expected.values()}
+        assert seen == wanted, f"after {stage}"
+
+
+async def walk(world: World) -> None:
+    person = await world.person()
+    ledger = Ledger(world)
+
+    # 1. issue on the first phone
+    first, app = await issued(world, person)
+    one = certificates(first)
+    ledger.add("first/auth", one[AUTH])
+    ledger.add("first/sign", one[SIGN])
+    await ledger.check("issue")
+
+    # 2. PIN change (the signing password), local and recorded
+    app.user.next_pins[SIGN] = "NEWPASS2024"
+    assert (await app.change_pin(SIGN)).outcome == "done"
+    assert verify_on_se(first, SIGN, "NEWPASS2024") == StatusWord.OK
+    await ledger.check("PIN change")
+
+    # 3. temporary loss: both held, the not-found timer running
+    await world.close_app(first)
+    temporary = lm.TemporaryLossReport(**world.request_fields(), phone=first.phone)
+    timer = await world.report(temporary, wait=False)
+    await world.wait(timer, status="event")
+    ledger.expect(one[AUTH], HELD)
+    ledger.expect(one[SIGN], HELD)
+    await ledger.check("temporary loss")
+
+    # 4. found: auth released, sign revoked and reissued on the same SE
+    app = await world.open_app(first, person, storage=app.core.storage, user=app.user)
+    await world.connect(first)
+    renewal = app.expect("issuance")
+    found = lm.FoundReport(**world.request_fields(), phone=first.phone,
+                           temporary_loss_id=temporary.request_id)
+    await world.operator.submit(found, saga_id=temporary.request_id)
+    await world.operator.submit(found)
+    assert (await asyncio.wait_for(renewal, 60)).outcome == "issued"
+    assert (await world.wait(timer)).status == "completed"
+    renewed = certificates(first)[SIGN]
+    ledger.expect(one[AUTH], GOOD)
+    ledger.expect(one[SIGN], ("revoked", "superseded"))
+    ledger.add("first/sign#2", renewed)
+    await ledger.check("found")
+
+    # 5. model change to a second phone; the first phone's applet goes when it is next online
+    storage = app.core.storage
+    await world.close_app(first)
+    second, app2 = await issued(world, person, model="Galaxy S24")
+    two = certificates(second)
+    ledger.add("second/auth", two[AUTH])
+    ledger.add("second/sign", two[SIGN])
+    ledger.expect(one[AUTH], ("revoked", "superseded"))
+    ledger.expect(renewed, ("revoked", "superseded"))
+    await ledger.check("model change")
+    first.app.core.storage = storage
+    await stale_applet_removed_on_reconnect(world, first, person)
+    await world.close_app(first)
+
+    # 6. the second phone is lost
+    await world.close_app(second)
+    view = await world.report(lm.LossReport(**world.request_fields(), phone=second.phone))
+    assert view.status == "completed", view
+    ledger.expect(two[AUTH], ("revoked", "key_compromise"))
+    ledger.expect(two[SIGN], ("revoked", "key_compromise"))
+    await ledger.check("loss")
+
+    # 7. issue on a third phone (nothing live: a new issuance)
+    third, app3 = await issued(world, person, model="AQUOS sense8")
+    three = certificates(third)
+    ledger.add("third/auth", three[AUTH])
+    ledger.add("third/sign", three[SIGN])
+    await ledger.check("issue on a third phone")
+
+    # 8. PIN reset (forgotten authentication PIN, blocked)
+    for _ in range(3):
+        verify_on_se(third, AUTH, "0000" if app3.user.pins[AUTH] != "0000" else "1111")
+    assert third.pin_state(AUTH).state is jp.PinState.EXHAUSTED
+    app3.user.next_pins[AUTH] = "2580"
+    assert (await asyncio.wait_for(app3.reset_pin([AUTH]), 60)).outcome == "issued"
+    assert verify_on_se(third, AUTH, "2580") == StatusWord.OK
+    assert certificates(third) == three
+    await ledger.check("PIN reset")
+
+    # 9. disposal, confirmed with the signing password
+    done = await asyncio.wait_for(app3.dispose(), 60)
+    assert (done.outcome, done.phase) == ("done", 1)
+    ledger.expect(three[AUTH], ("revoked", "cessation_of_operation"))
+    ledger.expect(three[SIGN], ("revoked", "cessation_of_operation"))
+    await ledger.check("disposal")
+    await applet_gone(world, third)
+
+    # the lost phone turns up online later: cleaned too; then no keyed applet is left
+    await stale_applet_removed_on_reconnect(world, second, person)
+    assert all(phone.applet() is None for phone in (first, second, third))
+    assert len(ledger.expected) == 7
+
+
+async def audit(world: World, data_dir: Path) -> list[audit_mod.Violation]:
+    phones = data_dir / "phones"
+    phones.mkdir(exist_ok=True)
+    for phone in world.phones:
+        phone.se.save(phones / f"{phone.device_id}.se.json")
+    return await audit_mod.audit_stores(orchestrator=world.orchestrator.db, ca=world.ca.database,
+                                        tsm=world.tsm_db, phones=phones)
+
+
+async def test_one_person_through_every_flow_embedded(tmp_path: Path) -> None:
+    async with lifecycle_world(tmp_path) as world:
+        await walk(world)
+        assert await audit(world, tmp_path) == []
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.mqtt
+@pytest.mark.postgres
+async def test_one_person_through_every_flow_on_real_services(
+    tmp_path: Path, amqp_vhost_url: str, mqtt_url: str, pg_url: str, unique: str
+) -> None:
+    services = real_services(amqp_vhost_url, mqtt_url, pg_url, unique)
+    try:
+        async with lifecycle_world(tmp_path, services) as world:
+            await walk(world)
+            assert await audit(world, tmp_path) == []
+    finally:
+        await drop_schemas(services, tmp_path)
