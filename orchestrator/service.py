@@ -20,13 +20,15 @@ from infra.db import Database, upgrade
 from infra.transport.base import Transport
 from orchestrator.flows.ending import EndingMachine
 from orchestrator.flows.issuance import issuance
+from orchestrator.flows.lifecycle import lifecycle_flows
 from orchestrator.saga import Flow
 from orchestrator.saga.engine import SagaEngine
 
 log = structlog.get_logger("orchestrator")
 
 SERVICE = "orchestrator"
-FLOWS: tuple[Flow[Any], ...] = (issuance,)
+# new issuance, then the life-cycle flows of FLOWS.md §4 (orchestrator/flows/lifecycle.py)
+FLOWS: tuple[Flow[Any], ...] = (issuance, *lifecycle_flows())
 
 
 class Orchestrator:
