@@ -11,9 +11,17 @@ import uuid
 from urllib.parse import urlsplit
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 AMQP_URL = os.environ.get("JPKI_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 MQTT_URL = os.environ.get("JPKI_TEST_MQTT_URL", "mqtt://127.0.0.1:1883")
+# Property tests judge behaviour, not speed: on a loaded 2-core machine input generation and
+# single examples can be slow, which must not fail a test.
+settings.register_profile(
+    "jpki", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much]
+)
+settings.load_profile(os.environ.get("JPKI_HYPOTHESIS_PROFILE", "jpki"))
+
 PG_URL = os.environ.get("JPKI_TEST_PG_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 
 
