@@ -11,6 +11,7 @@ import uuid
 from urllib.parse import urlsplit
 
 import pytest
+import structlog
 from hypothesis import HealthCheck, settings
 
 AMQP_URL = os.environ.get("JPKI_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
@@ -28,7 +29,8 @@ PG_URL = os.environ.get("JPKI_TEST_PG_URL", "postgresql+asyncpg://postgres@127.0
 def _reachable(url: str, default_port: int) -> bool:
     parts = urlsplit(url)
     try:
-        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or default_port), 2):
+        address = (parts.hostname or "127.0.0.1", parts.port or default_port)
+        with socket.create_connection(address, 2):
             return True
     except OSError:
         return False
@@ -62,3 +64,12 @@ def pg_url() -> str:
 def unique() -> str:
     """A short unique suffix for queue, topic and schema names shared with other test runs."""
     return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_structlog():
+    """Each test starts from structlog's defaults: a test that configures logging (a level, a
+    stream) must not change what the next test's ``capture_logs`` sees."""
+    yield
+    structlog.reset_defaults()
+    structlog.contextvars.clear_contextvars()
