@@ -217,6 +217,9 @@ async def test_malformed_up_messages_are_parked_listed_and_replayed(env: Env) ->
         async with asyncio.timeout(10):
             while gateway.stats.parked < 6:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
+            # Parked copies reach the lot's queue a moment after the gateway's confirm.
+            while len(await transport.parked(gateway.up_queue)) < 3:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
         assert len(await transport.parked(gateway.up_queue)) == 3
         assert received.messages == []
 
