@@ -66,7 +66,9 @@ class Database:
         if schema is not None and not _SCHEMA_NAME.match(schema):
             raise DatabaseConfigError(f"schema name {schema!r} is not a plain identifier")
         self.schema = schema if self.dialect == "postgresql" else None
-        kwargs: dict[str, Any] = {}
+        # Statement parameters carry message bodies (a TSM reply holds temporary PINs):
+        # never in an exception's text or a log line.
+        kwargs: dict[str, Any] = {"hide_parameters": True}
         if self.dialect == "sqlite":
             kwargs.update(pool_size=1, max_overflow=0, pool_timeout=120)
         else:
@@ -105,7 +107,7 @@ class Database:
         """Create the PostgreSQL schema if it is missing (no-op on SQLite)."""
         if self.schema is None:
             return
-        plain = create_async_engine(self.url, pool_size=1, max_overflow=0)
+        plain = create_async_engine(self.url, pool_size=1, max_overflow=0, hide_parameters=True)
         try:
             async with plain.begin() as conn:
                 await conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
@@ -116,7 +118,7 @@ class Database:
         """Drop the PostgreSQL schema and everything in it (tests clean up with this)."""
         if self.schema is None:
             return
-        plain = create_async_engine(self.url, pool_size=1, max_overflow=0)
+        plain = create_async_engine(self.url, pool_size=1, max_overflow=0, hide_parameters=True)
         try:
             async with plain.begin() as conn:
                 await conn.exec_driver_sql(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')

@@ -362,7 +362,9 @@ class Machine:
             self._local_failure(state, step, direction, exc, fx)
             return
         except Exception as exc:  # a bug in a step function must not wedge the saga
-            log.exception("saga_step_function_failed", saga_id=state.saga_id, step=step.name)
+            # the type only: the exception's text may quote saga data
+            log.error("saga_step_function_failed", saga_id=state.saga_id, step=step.name,
+                      direction=direction, error=type(exc).__name__)
             why = f"{step.name} {direction} raised {type(exc).__name__}"
             if direction == DO:
                 self._begin_compensation(state, fx, why, include_current=False)

@@ -167,3 +167,12 @@ async def test_handle_idempotently_runs_an_effect_once(sqlite_db):
     assert not await handle_idempotently(sqlite_db, message, effect)
     assert runs == [message.envelope.message_id]
     assert await _pending(sqlite_db) == 1  # the reply waits in the outbox
+
+
+async def test_database_errors_never_quote_message_bodies(sqlite_db):
+    secret = Outgoing("tsm.reply.pins", b'{"temporary_pin":"739164"}', "same-id")
+    with pytest.raises(Exception) as caught:
+        async with sqlite_db.transaction() as conn:
+            await add_to_outbox(conn, [secret, secret])  # a unique-key violation
+    assert "UNIQUE" in str(caught.value)
+    assert "739164" not in str(caught.value) and "739164" not in repr(caught.value)
