@@ -933,6 +933,12 @@ async def hold_sessions(fleet: Fleet, make_link: LinkFactory, connecting: int = 
 @click.option("--key-pool-size", type=int, default=64, show_default=True)
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option(
+    "--device-prefix",
+    default="phone",
+    show_default=True,
+    help="device ids are <prefix>-<n>: distinct prefixes keep fleets apart on one broker",
+)
+@click.option(
     "--hold-only",
     is_flag=True,
     help="only connect every phone, report memory per phone, disconnect",
@@ -959,6 +965,7 @@ def fleet_command(
     key_pool: bool,
     key_pool_size: int,
     report: Path | None,
+    device_prefix: str,
     hold_only: bool,
     log_level: str,
 ) -> None:
@@ -974,6 +981,7 @@ def fleet_command(
             faults=NetworkFaults(latency_ms / 1000, drop_rate, disconnect_rate),
             seed=seed if seed is not None else random.SystemRandom().randrange(2**31),
             saga_timeout_s=saga_timeout,
+            device_prefix=device_prefix,
         )
     except FleetConfigError as exc:
         raise click.UsageError(str(exc)) from None

@@ -250,3 +250,34 @@ async def test_an_app_that_answers_while_its_link_is_down_loses_nothing(hub):
     await link.close()
     assert link.disconnects == 1
     assert answers == [f"saga-{n}" for n in range(8)]
+
+
+@pytest.mark.mqtt
+def test_fleet_command_holds_every_phone_online_and_reports_memory(mqtt_url, tmp_path, unique):
+    from click.testing import CliRunner
+
+    from device_sim.fleet import fleet_command
+
+    result = CliRunner().invoke(
+        fleet_command,
+        [
+            "--phones",
+            "6",
+            "--hold-only",
+            "--key-pool",
+            "--key-pool-size",
+            "2",
+            "--data-dir",
+            str(tmp_path),
+            "--mqtt-url",
+            mqtt_url,
+            "--seed",
+            "11",
+            "--device-prefix",
+            f"t{unique}",
+        ],
+        env={"JPKI_CA_PASSPHRASE": f"fleet command test {unique}"},
+    )
+    assert result.exit_code == 0, result.output
+    assert "6 phones online, each with its own session" in result.output
+    assert "KiB per phone" in result.output
