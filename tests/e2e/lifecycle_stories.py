@@ -67,7 +67,7 @@ async def applet_gone(world: World, phone: SimPhone) -> None:
 
 
 async def stale_applet_removed_on_reconnect(world: World, phone: SimPhone,
-                                            person: Person) -> None:
+                                            person: Person) -> LifecycleApp:
     """The phone comes back (same app storage): the online saga deletes the keyed applet
     and the app goes back to phase 1."""
     assert phone.applet() is not None and phone.applet().holds_keys()
@@ -81,6 +81,7 @@ async def stale_applet_removed_on_reconnect(world: World, phone: SimPhone,
     assert (ended.outcome, ended.phase) == ("done", 1)
     assert app.core.storage.phase == 1 and app.core.storage.certificates == []
     await applet_gone(world, phone)
+    return app
 
 
 # ---------------------------------------------------------------------------------------

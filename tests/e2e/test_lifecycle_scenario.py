@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -52,12 +53,49 @@ class Ledger:
         assert seen == wanted, f"after {stage}"
 
 
-async def walk(world: World) -> None:
+class UserEffort:
+    """Screens the user saw and actions they took (inputs answered, card taps), per stage,
+    measured from the simulated app (``docs/ux.md``)."""
+
+    def __init__(self) -> None:
+        self.stages: dict[str, tuple[int, int]] = {}
+        self.screens: dict[str, list[str]] = {}  # the screens' ids, in order (printed)
+        self._start: dict[int, tuple[int, int]] = {}
+
+    def begin(self, app: Any) -> None:
+        self._start[id(app)] = (len(app.core.screens_shown), app.user.actions)
+
+    def whole(self, stage: str, app: Any) -> None:
+        """All an app instance showed since it was opened."""
+        self.stages[stage] = (len(app.core.screens_shown), app.user.actions)
+        self.screens[stage] = [str(screen.id) for screen in app.core.screens_shown]
+
+    def end(self, stage: str, app: Any) -> None:
+        screens, actions = self._start.pop(id(app))
+        self.stages[stage] = (len(app.core.screens_shown) - screens, app.user.actions - actions)
+        self.screens[stage] = [str(screen.id) for screen in app.core.screens_shown[screens:]]
+
+
+# docs/ux.md: (screens seen, user actions) per flow, as the simulated app measures them
+UX = {
+    "new issuance": (9, 8),
+    "PIN change": (2, 4),
+    "found: renew the signing certificate": (8, 6),
+    "model change (new phone)": (9, 8),
+    "old phone next online": (1, 1),
+    "PIN reset": (8, 6),
+    "disposal": (5, 3),
+}
+
+
+async def walk(world: World) -> dict[str, tuple[int, int]]:
     person = await world.person()
     ledger = Ledger(world)
+    effort = UserEffort()
 
     # 1. issue on the first phone
     first, app = await issued(world, person)
+    effort.whole("new issuance", app)
     one = certificates(first)
     ledger.add("first/auth", one[AUTH])
     ledger.add("first/sign", one[SIGN])
@@ -65,7 +103,9 @@ async def walk(world: World) -> None:
 
     # 2. PIN change (the signing password), local and recorded
     app.user.next_pins[SIGN] = "NEWPASS2024"
+    effort.begin(app)
     assert (await app.change_pin(SIGN)).outcome == "done"
+    effort.end("PIN change", app)
     assert verify_on_se(first, SIGN, "NEWPASS2024") == StatusWord.OK
     await ledger.check("PIN change")
 
@@ -84,9 +124,11 @@ async def walk(world: World) -> None:
     renewal = app.expect("issuance")
     found = lm.FoundReport(**world.request_fields(), phone=first.phone,
                            temporary_loss_id=temporary.request_id)
+    effort.begin(app)
     await world.operator.submit(found, saga_id=temporary.request_id)
     await world.operator.submit(found)
     assert (await asyncio.wait_for(renewal, 60)).outcome == "issued"
+    effort.end("found: renew the signing certificate", app)
     assert (await world.wait(timer)).status == "completed"
     renewed = certificates(first)[SIGN]
     ledger.expect(one[AUTH], GOOD)
@@ -98,6 +140,7 @@ async def walk(world: World) -> None:
     storage = app.core.storage
     await world.close_app(first)
     second, app2 = await issued(world, person, model="Galaxy S24")
+    effort.whole("model change (new phone)", app2)
     two = certificates(second)
     ledger.add("second/auth", two[AUTH])
     ledger.add("second/sign", two[SIGN])
@@ -105,7 +148,8 @@ async def walk(world: World) -> None:
     ledger.expect(renewed, ("revoked", "superseded"))
     await ledger.check("model change")
     first.app.core.storage = storage
-    await stale_applet_removed_on_reconnect(world, first, person)
+    effort.whole("old phone next online",
+                 await stale_applet_removed_on_reconnect(world, first, person))
     await world.close_app(first)
 
     # 6. the second phone is lost
@@ -128,13 +172,17 @@ async def walk(world: World) -> None:
         verify_on_se(third, AUTH, "0000" if app3.user.pins[AUTH] != "0000" else "1111")
     assert third.pin_state(AUTH).state is jp.PinState.EXHAUSTED
     app3.user.next_pins[AUTH] = "2580"
+    effort.begin(app3)
     assert (await asyncio.wait_for(app3.reset_pin([AUTH]), 60)).outcome == "issued"
+    effort.end("PIN reset", app3)
     assert verify_on_se(third, AUTH, "2580") == StatusWord.OK
     assert certificates(third) == three
     await ledger.check("PIN reset")
 
     # 9. disposal, confirmed with the signing password
+    effort.begin(app3)
     done = await asyncio.wait_for(app3.dispose(), 60)
+    effort.end("disposal", app3)
     assert (done.outcome, done.phase) == ("done", 1)
     ledger.expect(three[AUTH], ("revoked", "cessation_of_operation"))
     ledger.expect(three[SIGN], ("revoked", "cessation_of_operation"))
@@ -145,6 +193,9 @@ async def walk(world: World) -> None:
     await stale_applet_removed_on_reconnect(world, second, person)
     assert all(phone.applet() is None for phone in (first, second, third))
     assert len(ledger.expected) == 7
+    for stage, screens in effort.screens.items():
+        print(f"{stage}: {' > '.join(screens)}")
+    return effort.stages
 
 
 async def audit(world: World, data_dir: Path) -> list[audit_mod.Violation]:
@@ -158,8 +209,10 @@ async def audit(world: World, data_dir: Path) -> list[audit_mod.Violation]:
 
 async def test_one_person_through_every_flow_embedded(tmp_path: Path) -> None:
     async with lifecycle_world(tmp_path) as world:
-        await walk(world)
+        effort = await walk(world)
         assert await audit(world, tmp_path) == []
+    print("\n(screens seen, user actions) per flow:", effort)
+    assert effort == UX
 
 
 @pytest.mark.rabbitmq
