@@ -31,7 +31,7 @@ from infra.transport.inprocess import InProcessTransport
 from infra.transport.phone_link import InProcessPhoneHub
 from orchestrator import messages as om
 from protocol import jpki
-from protocol.envelope import build, decode
+from protocol.envelope import build, decode, encode
 from workers.ca.authority import CertificateAuthority, Holder
 from workers.ca.keystore import Passphrase
 from workers.tsm import messages as tsm
@@ -281,3 +281,42 @@ def test_fleet_command_holds_every_phone_online_and_reports_memory(mqtt_url, tmp
     assert result.exit_code == 0, result.output
     assert "6 phones online, each with its own session" in result.output
     assert "KiB per phone" in result.output
+
+
+@pytest.mark.mqtt
+async def test_disconnect_mid_saga_over_mqtt_keeps_the_persistent_session(mqtt_url, unique):
+    """The phone's MQTT session drops and comes back with the same client id: what the
+    broker queued for it meanwhile (QoS 1, clean_session off) arrives, in order."""
+    import aiomqtt
+
+    from infra.mqtt import MqttAddress, MqttPhoneLink, down_topic
+
+    device_id = f"t{unique}-mqtt"
+    faults = NetworkFaults(disconnect_rate=1.0, reconnect_after_s=0.5)
+    link = FaultyLink(lambda d: MqttPhoneLink(mqtt_url, d), device_id, faults, random.Random(2))
+    received: list[str] = []
+
+    async def on_message(message):
+        received.append(message.envelope.saga_id)
+
+    await link.start(on_message)
+    link.arm_disconnect()
+    address = MqttAddress.from_url(mqtt_url)
+    async with aiomqtt.Client(address.hostname, address.port) as gateway:
+        for n in range(8):
+            payload = encode(_down(device_id, n))
+            await gateway.publish(down_topic(device_id), payload, qos=1)
+            await asyncio.sleep(0.1)
+    for _ in range(100):
+        if len(received) == 8:
+            break
+        await asyncio.sleep(0.05)
+    await link.close()
+    # Leave no persistent session behind on the broker.
+    identifier = f"jpki-phone-{device_id}"
+    async with aiomqtt.Client(
+        address.hostname, address.port, identifier=identifier, clean_session=True
+    ):
+        pass
+    assert link.disconnects == 1
+    assert received == [f"saga-{n}" for n in range(8)]
