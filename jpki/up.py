@@ -176,6 +176,13 @@ def up_command(
     fleet of PHONES against them, stop them and audit the stores."""
     data_dir.mkdir(parents=True, exist_ok=True)
     env = _environment(data_dir, amqp_url, mqtt_url, db_url)
+    # the CA's store and keys first: the CA worker and the OCSP responder would both
+    # create generation 1 of a fresh CA at once
+    init = [*JPKI, "ca", "init", "--data-dir", str(data_dir)]
+    if db_url:
+        init += ["--db-url", db_url]
+    if subprocess.call(init, env=env, stdout=subprocess.DEVNULL) != 0:  # noqa: S603
+        raise click.ClickException("jpki ca init failed")
     children = start_services(data_dir, env)
     fleet_code = 1
     try:
