@@ -44,6 +44,7 @@ from device_sim.app import (
     Step,
     VirtualUser,
     _exchange,
+    _mistyped,
     _run_ok,
     progress_screen,
     read_file,
@@ -400,7 +401,8 @@ class LifecycleUser(VirtualUser):
         if screen_id == LifecycleScreen.DISPOSE_PASSWORD:
             kind = (om.CertificateKind.SIGN if "signing" in screen.text
                     else om.CertificateKind.AUTH)
-            return {"pin": self.pins[kind]}
+            pin = self.pins[kind]
+            return {"pin": _mistyped(pin) if self._slip(screen_id) else pin}
         return {"ok": True}
 
 

@@ -6,17 +6,22 @@ registry and the CA (OCSP) say. The same stories run on the embedded default
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import uuid
 from collections.abc import Awaitable, Callable
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from device_sim.app import AppStorage, _exchange
 from device_sim.fleet import Person
-from device_sim.lifecycle_app import LifecycleApp
+from device_sim.lifecycle_app import LifecycleApp, LifecycleScreen
 from orchestrator import callcentre
 from orchestrator import lifecycle_messages as lm
 from orchestrator import messages as om
 from protocol import jpki as jp
+from protocol.envelope import build
 from protocol.errors import StatusWord
 from tests.e2e.lifecycle_world import SimPhone, World
 from workers.tsm.registry import AppletState
@@ -140,16 +145,43 @@ async def story_pin_reset(world: World) -> None:
     assert (await world.registry(phone)).holds_keys
 
 
+async def forged_disposal_is_refused(world: World, phone: SimPhone) -> None:
+    """A disposal confirmed by a key that is not the phone's live one changes nothing."""
+    assert phone.link is not None
+    saga_id = uuid.uuid4().hex
+    request = lm.DisposalRequest(device_id=phone.device_id,
+                                 app_instance_id=phone.app.core.storage.app_instance_id,
+                                 se=phone.se_identity)
+    await phone.link.send(build(request, saga_id=saga_id, device_id=phone.device_id))
+    await world.wait(saga_id, status="event")
+    stranger = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    signature = stranger.sign(b"anything", padding.PKCS1v15(), hashes.SHA256())
+    sign_certificate = phone.applet().files[jp.EF.SIGN_CERT]
+    forged = lm.DisposalConfirmed(kind=SIGN, signature=signature, certificate=sign_certificate)
+    await phone.link.send(build(forged, saga_id=saga_id, device_id=phone.device_id))
+    view = await world.wait(saga_id)
+    assert (view.status, view.data.refusal) == ("compensated", "bad_confirmation"), view
+
+
 async def story_disposal(world: World) -> None:
     alice = await world.person()
     phone, app = await issued(world, alice)
     before = certificates(phone)
+    await forged_disposal_is_refused(world, phone)
+    assert await statuses(world, before) == {AUTH: GOOD, SIGN: GOOD}
+    assert phone.applet() is not None
+    # the user slips once on the signing password: a try is spent and it is asked again
+    app.user.script = dataclasses.replace(
+        app.user.script, typos=frozenset({LifecycleScreen.DISPOSE_PASSWORD}))
     finished = await asyncio.wait_for(app.dispose(), 60)
     assert (finished.what, finished.outcome, finished.phase) == ("disposal", "done", 1), finished
     assert await statuses(world, before) == {
         AUTH: ("revoked", "cessation_of_operation"), SIGN: ("revoked", "cessation_of_operation")}
     await applet_gone(world, phone)
     assert app.core.storage.phase == 1
+    notices = [sc.notice for sc in app.core.screens_shown
+               if sc.id == LifecycleScreen.DISPOSE_PASSWORD]
+    assert notices == ["", "Wrong: 4 tries left."]
 
 
 async def story_reissue(world: World) -> None:
