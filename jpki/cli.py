@@ -50,3 +50,5 @@ from jpki.pin_options import pin_options_cli  # noqa: E402, I001
 main.add_command(pin_options_cli)
 from jpki.bench.issuance import issuance_bench  # noqa: E402, I001
 bench.add_command(issuance_bench)
+from orchestrator.callcentre import callcentre_cli  # noqa: E402, I001
+main.add_command(callcentre_cli)

@@ -20,21 +20,26 @@ Keys: ``OperatorKeys`` (never in a repr or a log line), loaded from a JSON file
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
 import os
+import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import click
 import msgspec
 import structlog
 
 from infra.db.outbox import outgoing
 from infra.transport.base import Transport
+from orchestrator import lifecycle_messages as lm
 from orchestrator.lifecycle_messages import CallCentreRequest
+from orchestrator.messages import SeIdentity
 from protocol.envelope import build, type_of
 from protocol.errors import JpkiError
 
@@ -141,3 +146,103 @@ class CallCentre:
         message = build(signed, saga_id=target, message_id=f"{target}:{request.request_id}")
         await self._transport.publish([outgoing(message)])
         return target
+
+
+# ---------------------------------------------------------------------------------------
+# ``jpki callcentre``: an operator's requests from the command line
+
+
+def _phone_options(fn: Any) -> Any:
+    for option in (
+        click.option("--device-id", required=True, help="the phone's device id"),
+        click.option("--cin", required=True, help="the phone SE's CIN (hex)"),
+        click.option("--kdd", required=True, help="the phone SE's KDD (hex)"),
+    ):
+        fn = option(fn)
+    return fn
+
+
+async def _submit(amqp_url: str, operator: str, key: bytes, request: Any,
+                  saga_id: str | None = None) -> str:
+    from infra.transport.rabbitmq import RabbitMQTransport
+
+    transport = RabbitMQTransport(amqp_url, connection_name="jpki-callcentre")
+    await transport.connect()
+    try:
+        return await CallCentre(transport, operator, key).submit(request, saga_id=saga_id)
+    finally:
+        await transport.close()
+
+
+@click.group("callcentre")
+@click.option("--amqp-url", envvar="JPKI_AMQP_URL", required=True,
+              help="RabbitMQ URL (env JPKI_AMQP_URL)")
+@click.option("--operator", required=True, help="operator id the orchestrator knows")
+@click.option("--key-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              required=True, help="file holding the operator's HMAC key (hex)")
+@click.pass_context
+def callcentre_cli(ctx: click.Context, amqp_url: str, operator: str, key_file: Path) -> None:
+    """Signed call-centre requests: loss, failure, temporary loss, found, card cascade."""
+    ctx.obj = (amqp_url, operator, key_file)
+
+
+def _fields(operator: str) -> dict[str, Any]:
+    return {"request_id": uuid.uuid4().hex, "operator": operator, "issued_at": datetime.now(UTC)}
+
+
+def _phone(device_id: str, cin: str, kdd: str) -> lm.Phone:
+    return lm.Phone(device_id=device_id, se=SeIdentity(cin=cin.upper(), kdd=kdd.upper()))
+
+
+def _send(ctx: click.Context, request: Any, saga_id: str | None = None) -> None:
+    amqp_url, operator, key_file = ctx.obj
+    key = bytes.fromhex(key_file.read_text().strip())
+    sent = asyncio.run(_submit(amqp_url, operator, key, request, saga_id))
+    click.echo(f"{type_of(request)[0]} sent: saga {sent}")
+
+
+@callcentre_cli.command("loss")
+@_phone_options
+@click.pass_context
+def loss_command(ctx: click.Context, device_id: str, cin: str, kdd: str) -> None:
+    """Lost for good: revoke both; the applet goes when the phone next connects."""
+    _send(ctx, lm.LossReport(**_fields(ctx.obj[1]), phone=_phone(device_id, cin, kdd)))
+
+
+@callcentre_cli.command("failure")
+@_phone_options
+@click.pass_context
+def failure_command(ctx: click.Context, device_id: str, cin: str, kdd: str) -> None:
+    """Broken phone: revoke both."""
+    _send(ctx, lm.FailureReport(**_fields(ctx.obj[1]), phone=_phone(device_id, cin, kdd)))
+
+
+@callcentre_cli.command("temporary-loss")
+@_phone_options
+@click.pass_context
+def temporary_loss_command(ctx: click.Context, device_id: str, cin: str, kdd: str) -> None:
+    """Suspend both; revoked if not found within the set period."""
+    _send(ctx, lm.TemporaryLossReport(**_fields(ctx.obj[1]), phone=_phone(device_id, cin, kdd)))
+
+
+@callcentre_cli.command("found")
+@_phone_options
+@click.option("--temporary-loss-id", required=True, help="saga id of the temporary loss")
+@click.pass_context
+def found_command(ctx: click.Context, device_id: str, cin: str, kdd: str,
+                  temporary_loss_id: str) -> None:
+    """Found: release auth, revoke and reissue sign (the user renews on the phone)."""
+    report = lm.FoundReport(**_fields(ctx.obj[1]), phone=_phone(device_id, cin, kdd),
+                            temporary_loss_id=temporary_loss_id)
+    _send(ctx, report, saga_id=temporary_loss_id)  # stops the not-found timer
+    _send(ctx, report)
+
+
+@callcentre_cli.command("card-cascade")
+@click.option("--card-serial", required=True, help="serial of the card's signing certificate")
+@click.option("--renewed", is_flag=True, help="the card was renewed (both phone certificates)")
+@click.pass_context
+def card_cascade_command(ctx: click.Context, card_serial: str, renewed: bool) -> None:
+    """A card certificate was revoked: the phone certificates follow."""
+    _send(ctx, lm.CardCascadeReport(**_fields(ctx.obj[1]), card_serial=card_serial.upper(),
+                                    renewed=renewed))
