@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
 import random
 import time
+from collections.abc import Iterator
 
 import msgspec
 import pytest
@@ -560,8 +562,19 @@ async def test_a_lost_rotation_answer_is_confirmed_by_the_next_session(ring: Mas
 # -- secrets ------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def every_log_level() -> Iterator[None]:
+    """Log at every level during the test, whatever another test configured before."""
+    saved = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG))
+    try:
+        yield
+    finally:
+        structlog.configure(**saved)
+
+
 async def test_temporary_pins_only_travel_to_the_app(
-    world: World, ca_key: rsa.RSAPrivateKey
+    world: World, ca_key: rsa.RSAPrivateKey, every_log_level: None
 ) -> None:
     phone = world.phone()
     with structlog.testing.capture_logs() as logs:
@@ -576,6 +589,7 @@ async def test_temporary_pins_only_travel_to_the_app(
     assert 6 <= len(pins[1]) <= 16 and jpki.SIGN_PIN_RULE.accepts(pins[1].encode())
     reply_json = msgspec.json.encode(reply).decode()
     everything_logged = repr(logs)
+    assert any(line.get("operation") == "release" for line in logs), "nothing was logged"
     record = await world.registry.get(phone.identity.cin)
     for pin in pins:
         assert pin not in reply_json
