@@ -10,7 +10,10 @@ PIN states), the TSM registry, and the CA (OCSP, through the CA's own responder 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import random
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -218,13 +221,32 @@ class World:
         return await SqlRegistry(self.tsm_db).get(phone.se_identity.cin)
 
 
+# The embedded stack's starting files (CA keys and generations, TSM master keys, migrated
+# empty SQLite stores), made once per test process: every world starts from a copy, which
+# spares each test the CA's RSA key generation, the key file's scrypt and the migrations.
+_template: Path | None = None
+
+
+async def _start_from_template(data_dir: Path) -> None:
+    global _template
+    if _template is None:
+        template = Path(tempfile.mkdtemp(prefix="jpki-lifecycle-"))
+        atexit.register(shutil.rmtree, template, ignore_errors=True)
+        async with lifecycle_world(template, use_template=False):
+            pass
+        _template = template
+    await asyncio.to_thread(shutil.copytree, _template, data_dir, dirs_exist_ok=True)
+
+
 @asynccontextmanager
 async def lifecycle_world(
     data_dir: Path, services: Services | None = None, *, seed: int = 7,
-    not_found_period_s: float = 3600.0,
+    not_found_period_s: float = 3600.0, use_template: bool = True,
 ) -> AsyncIterator[World]:
     """Start every service of the stack in this process; stop them on the way out."""
     services = services or Services()
+    if use_template and services == Services():
+        await _start_from_template(data_dir)
     transport: Transport
     if services.amqp_url is None:
         transport = InProcessTransport()
