@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
+import aio_pika
 import click
 import msgspec
 
@@ -272,3 +273,31 @@ def mqtt_passwords(
         lines.append(f"{device_id}:{phone_password(secret, device_id)}")
     _write_private(out, "\n".join(lines) + "\n")
     click.echo(f"wrote {len(lines)} user(s) to {out}")
+
+
+@ops.command("consumers")
+@click.option("--queue", "-q", required=True)
+@click.option("--at-least", type=int, default=1, show_default=True)
+@amqp_url_option
+def consumers(queue: str, at_least: int, amqp_url: str) -> None:
+    """Exit 0 if ``queue`` has at least N consumers (a container health check)."""
+
+    async def count() -> int:
+        try:
+            connection = await aio_pika.connect(amqp_url, timeout=5)
+        except (OSError, aio_pika.exceptions.AMQPException) as exc:
+            raise click.ClickException(f"RabbitMQ not reachable: {type(exc).__name__}") from None
+        try:
+            channel = await connection.channel()
+            try:
+                declared = await channel.declare_queue(queue, passive=True)
+            except aio_pika.exceptions.ChannelClosed:
+                raise click.ClickException(f"queue {queue} is not declared") from None
+            return int(declared.declaration_result.consumer_count)
+        finally:
+            await connection.close()
+
+    found = asyncio.run(count())
+    click.echo(f"{queue}: {found} consumer(s)")
+    if found < at_least:
+        raise SystemExit(1)
