@@ -151,7 +151,9 @@ class FleetConfig:
     faults: NetworkFaults = NetworkFaults()
     seed: int = 1
     device_prefix: str = "phone"
-    saga_timeout_s: float = 120.0
+    # How long a phone waits for its saga's end. Longer than the back end's per-step retries
+    # under load: a phone that gives up early leaves a saga to end without it.
+    saga_timeout_s: float = 300.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -927,7 +929,7 @@ async def hold_sessions(fleet: Fleet, make_link: LinkFactory, connecting: int = 
 @click.option("--drop-rate", type=float, default=0.0, show_default=True)
 @click.option("--disconnect-rate", type=float, default=0.0, show_default=True)
 @click.option("--concurrency", type=int, default=None, help="phones applying at once (default all)")
-@click.option("--timeout", "saga_timeout", type=float, default=120.0, show_default=True)
+@click.option("--timeout", "saga_timeout", type=float, default=300.0, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--key-pool", is_flag=True, help="SE and card key pairs from the pre-generated pool")
 @click.option("--key-pool-size", type=int, default=64, show_default=True)
