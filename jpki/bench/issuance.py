@@ -74,6 +74,8 @@ async def _bench(settings: RunSettings, services: Services | None, amqp_url: str
         "wall_s": s["wall_s"],
         "issuances_per_s": round(outcome.saga_statuses.get("completed", 0) / s["wall_s"], 2),
         "certificates_per_s": round(s["certificates_issued"] / s["wall_s"], 2),
+        "process_cpu_ms_per_issuance": round(
+            1000 * s["process_cpu_s"] / max(1, outcome.saga_statuses.get("completed", 0)), 1),
         "saga_latency_s": outcome.saga_latency,
         "step_latency_p50_s": {k: v["p50"] for k, v in outcome.step_latency.items()},
         "audit_findings": len(outcome.audit),
