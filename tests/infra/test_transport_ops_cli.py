@@ -96,3 +96,28 @@ def test_listing_an_unknown_queue_is_a_clear_error(amqp_url: str, unique: str) -
     )
     assert result.exit_code != 0
     assert f"no parking lot for queue 'nope-{unique}'" in result.output
+
+
+async def test_consumers_health_check_needs_a_consumer(amqp_url: str, unique: str) -> None:
+    exchange, dlx, queue = f"jpki.test.{unique}", f"jpki.test.{unique}.dlx", f"hc-{unique}"
+    transport = RabbitMQTransport(amqp_url, exchange=exchange, dead_letter_exchange=dlx)
+    await transport.connect()
+    check = ["ops", "consumers", "--queue", queue, "--amqp-url", amqp_url]
+    try:
+        await transport.declare_queue(queue, ["hc.#"])
+        idle = await asyncio.to_thread(CliRunner().invoke, main, check)
+        assert idle.exit_code == 1 and f"{queue}: 0 consumer(s)" in idle.output
+
+        async def ignore(delivery: object) -> None:
+            return None
+
+        await transport.consume(queue, ignore)
+        assert f"{queue}: 1 consumer(s)" in await jpki(*check)
+        missing = await asyncio.to_thread(
+            CliRunner().invoke, main, ["ops", "consumers", "--queue", f"absent-{unique}",
+                                       "--amqp-url", amqp_url]
+        )
+        assert missing.exit_code == 1 and "is not declared" in missing.output
+    finally:
+        await transport.delete_topology()
+        await transport.close()
