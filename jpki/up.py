@@ -78,7 +78,10 @@ def start_services(
             continue
         log_path = logs / f"{name}.log"
         out = log_path.open("wb")
-        options = [] if name == "gateway" else ["--data-dir", str(data_dir)]
+        # a stable gateway name: its persistent MQTT session is reused run after run, rather
+        # than each run leaving one more member in the shared subscription, which the
+        # broker keeps handing its share of the phones' messages (mosquitto issue #1747)
+        options = ["--name", "jpki-up"] if name == "gateway" else ["--data-dir", str(data_dir)]
         if name == "ocsp" and env.get("JPKI_DB_URL"):
             options += ["--db-url", env["JPKI_DB_URL"]]
         process = subprocess.Popen(  # noqa: S603 - our own interpreter and CLI
