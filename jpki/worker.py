@@ -68,7 +68,7 @@ def tsm_worker_command(data_dir: Path, amqp_url: str, db_url: str | None, log_le
     from infra.db import Database
     from infra.transport.rabbitmq import RabbitMQTransport
     from jpki.run import tsm_key_ring
-    from jpki.tsm_worker import TsmWorker
+    from workers.tsm.service import TsmWorker
 
     configure_logging("tsm", level=log_level)
 

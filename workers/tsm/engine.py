@@ -16,12 +16,13 @@ mid-script is run again from the start: every script is safe to re-run.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import time
-import uuid
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import msgspec
@@ -57,6 +58,7 @@ log = structlog.get_logger(__name__)
 Random = Callable[[int], bytes]
 DEFAULT_ATTEMPTS = 3  # per operation: the first try and up to two counter re-syncs
 _PIN_SEAL_INFO = b"jpki-tsm/temporary-pin-seal/v1"
+_STATE_SEAL_INFO = b"jpki-tsm/operation-state/v1"
 
 
 class PhoneUnreachable(JpkiError):
@@ -133,7 +135,67 @@ class OperationFailed(JpkiError):
             self.disposition = Disposition.TRANSIENT
 
 
+class OperationContext(msgspec.Struct, frozen=True, kw_only=True):
+    """Where the command came from: what the reply and the scripts carry."""
+
+    saga_id: str | None = None
+    device_id: str | None = None
+    causation_id: str | None = None  # the command's message id
+
+
+class Finished(msgspec.Struct, frozen=True):
+    reply: m.TsmReply
+    context: OperationContext
+
+
+class Waiting(msgspec.Struct, frozen=True):
+    """The operation waits for the phone's answer to ``script``."""
+
+    device_id: str
+    script: m.SeScript
+    context: OperationContext
+
+
+Step = Finished | Waiting
+
+
+class _OperationState(msgspec.Struct, kw_only=True):
+    """An operation between two scripts: all a replica needs to go on (sealed at rest)."""
+
+    command: bytes = b""
+    context: OperationContext
+    snapshot: bytes = b""  # the SE's record when the operation began
+    tape: bytes = b""  # the random bytes drawn so far (host challenges, PINs, script ids)
+    results: list[m.SeScriptResult | None] = msgspec.field(default_factory=list)
+
+
+@dataclass(slots=True)
+class _Replay:
+    """An operation run again from its start with the same inputs: the same random bytes
+    and the phone's answers so far, so that it computes the same scripts and goes on
+    from the first answer it does not have yet."""
+
+    context: OperationContext
+    snapshot: bytes | None = None
+    tape: bytearray = field(default_factory=bytearray)
+    results: list[m.SeScriptResult | None] = field(default_factory=list)
+    position: int = 0
+    exchanges: int = 0
+
+
+class _Suspend(Exception):  # noqa: N818 - control flow, not an error
+    def __init__(self, device_id: str, script: m.SeScript) -> None:
+        super().__init__("waiting for the phone")
+        self.device_id = device_id
+        self.script = script
+
+
+_replay: contextvars.ContextVar[_Replay | None] = contextvars.ContextVar("tsm_replay",
+                                                                         default=None)
 _reply_encoder = msgspec.json.Encoder()
+_record_encoder = msgspec.json.Encoder()
+_state_encoder = msgspec.msgpack.Encoder()
+_state_decoder = msgspec.msgpack.Decoder(_OperationState)
 
 
 class TsmEngine:
@@ -141,7 +203,7 @@ class TsmEngine:
         self,
         keys: MasterKeyRing,
         registry: Registry,
-        link: PhoneLink,
+        link: PhoneLink | None,
         *,
         security_level: int = s.DEFAULT_SECURITY_LEVEL,
         random: Random = os.urandom,
@@ -162,31 +224,80 @@ class TsmEngine:
         self._se_keys: OrderedDict[tuple[int, str], StaticKeys] = OrderedDict()
         self._se_keys_max = se_key_cache
         self._seal_keys: dict[int, AESGCM] = {}
+        self._state_keys: dict[int, AESGCM] = {}
 
     # ------------------------------------------------------------------ entry point
 
     async def execute(self, command: m.TsmCommand) -> m.TsmReply:
-        """Run ``command`` once; a command id seen before gets its stored reply.
+        """Run ``command`` to its end over the phone link; a command id seen before gets its
+        stored reply.
 
-        Three registry transactions per operation: look up (and mark running), the spent
-        counter before the script leaves, and the outcome with the reply at the end.
+        Two registry transactions per operation: look up (and mark running) with the spent
+        counter written before the script leaves, and the outcome with the reply at the end.
         """
+        step = await self._run(command, None)
+        assert isinstance(step, Finished)  # without a replay the link answers every script
+        return step.reply
+
+    async def start(self, command: m.TsmCommand, context: OperationContext) -> Step:
+        """Begin ``command`` without waiting for the phone (the service on the bus).
+
+        Runs until the operation needs the phone's answer: the operation — the command,
+        the SE's record as it was, the random bytes drawn so far, sealed — is stored with
+        the id of the script it waits for, and the script is returned to be sent. Any
+        replica then resumes it when ``se.result`` arrives (``resume``).
+        """
+        return await self._run(command, _Replay(context=context))
+
+    async def resume(self, result: m.SeScriptResult | None, script_id: str) -> Step | None:
+        """Go on with the operation waiting for ``script_id``; ``result`` None means the
+        phone did not answer in time. None if no operation waits for that script (a late
+        or repeated answer)."""
+        waiting = await self.registry.waiting_for(script_id)
+        if waiting is None:
+            return None
+        if waiting.status == "done" and waiting.reply is not None:
+            # The reply may not have left before a crash: the caller publishes it again.
+            context = self._unseal_state(waiting.state).context if waiting.state else None
+            reply_type = _REPLY_TYPES[m.COMMAND_TYPES[waiting.operation]]
+            reply = msgspec.json.decode(waiting.reply, type=reply_type)
+            return Finished(reply, context or OperationContext())
+        if waiting.state is None:
+            return None
+        state = self._unseal_state(waiting.state)
+        command = msgspec.json.decode(state.command, type=m.COMMAND_TYPES[waiting.operation])
+        replay = _Replay(
+            context=state.context,
+            snapshot=state.snapshot,
+            tape=bytearray(state.tape),
+            results=[*state.results, result],
+        )
+        return await self._run(command, replay)
+
+    async def _run(self, command: m.TsmCommand, replay: _Replay | None) -> Step:
         reply_type = _REPLY_TYPES[type(command)]
         operation = _OPERATION_NAMES[type(command)]
         lock = self._locks.get(command.se.cin)
         if lock is None:
             lock = self._locks[command.se.cin] = asyncio.Lock()
+        context = replay.context if replay is not None else OperationContext()
         async with lock:  # one SE, one session at a time: they share its counter
-            done, record = await self.registry.begin(
-                command.command_id, command.se.cin, operation
-            )
-            if done is not None and done.status == "done" and done.reply is not None:
-                log.info("tsm.operation_replayed", command_id=command.command_id)
-                return msgspec.json.decode(done.reply, type=reply_type)
+            if replay is not None and replay.snapshot is not None:
+                record: SeRecord | None = msgspec.json.decode(replay.snapshot, type=SeRecord)
+            else:
+                done, record = await self.registry.begin(
+                    command.command_id, command.se.cin, operation
+                )
+                if done is not None and done.status == "done" and done.reply is not None:
+                    log.info("tsm.operation_replayed", command_id=command.command_id)
+                    return Finished(msgspec.json.decode(done.reply, type=reply_type), context)
             round_trips = [0]
+            token = _replay.set(replay)
             try:
                 if record is None:
                     record = await self._enrol(command)
+                if replay is not None and replay.snapshot is None:
+                    replay.snapshot = _record_encoder.encode(record)
                 if record.kdd != command.se.kdd:
                     record = None  # another SE's record: leave it alone
                     raise OperationFailed(m.ErrorCode.UNKNOWN_SE, "KDD does not match")
@@ -195,14 +306,30 @@ class TsmEngine:
                 reply = reply_type(
                     command_id=command.command_id, failure=exc.failure, round_trips=round_trips[0]
                 )
+            except _Suspend as suspend:
+                assert replay is not None and record is not None  # only a replay suspends
+                state = _OperationState(
+                    command=_reply_encoder.encode(command),
+                    context=replay.context,
+                    snapshot=replay.snapshot or b"",
+                    tape=bytes(replay.tape),
+                    results=replay.results,
+                )
+                await self.registry.suspend(
+                    record, command.command_id, suspend.script.script_id, self._seal_state(state)
+                )
+                return Waiting(suspend.device_id, suspend.script, context)
+            finally:
+                _replay.reset(token)
             if reply.failure is not None and reply.failure.transient:
                 # Not recorded as done: the same command id runs again when re-sent.
                 await self.registry.complete(record, command.command_id, None)
                 log.warning("tsm.operation_transient_failure", operation=operation,
                             code=reply.failure.code.value)
-                return reply
+                return Finished(reply, context)
             await self.registry.complete(
-                record, command.command_id, _reply_encoder.encode(reply)
+                record, command.command_id, _reply_encoder.encode(reply),
+                self._seal_state(_OperationState(context=context)) if replay else None,
             )
         log.info(
             "tsm.operation_done",
@@ -211,7 +338,42 @@ class TsmEngine:
             code=reply.failure.code.value if reply.failure else None,
             round_trips=reply.round_trips,
         )
-        return reply
+        return Finished(reply, context)
+
+    def _draw(self, n: int) -> bytes:
+        """Random bytes for the operation; on a replay, the same bytes as the first time."""
+        replay = _replay.get()
+        if replay is None:
+            return self._random(n)
+        end = replay.position + n
+        if end > len(replay.tape):
+            replay.tape += self._random(end - len(replay.tape))
+        drawn = bytes(replay.tape[replay.position:end])
+        replay.position = end
+        return drawn
+
+    def _state_sealer(self, kvn: int) -> AESGCM:
+        sealer = self._state_keys.get(kvn)
+        if sealer is None:
+            master = self.keys.get(kvn)
+            key = HKDF(hashes.SHA256(), 32, salt=None, info=_STATE_SEAL_INFO).derive(
+                master.enc + master.mac + master.dek
+            )
+            sealer = self._state_keys[kvn] = AESGCM(key)
+        return sealer
+
+    def _seal_state(self, state: _OperationState) -> bytes:
+        kvn, nonce = self.keys.current, self._random(12)
+        sealed = self._state_sealer(kvn).encrypt(nonce, _state_encoder.encode(state), None)
+        return bytes([kvn]) + nonce + sealed
+
+    def _unseal_state(self, sealed: bytes) -> _OperationState:
+        try:
+            plain = self._state_sealer(sealed[0]).decrypt(sealed[1:13], sealed[13:], None)
+        except Exception:  # a wrong or retired key version, or tampered bytes
+            raise SecureChannelError("stored operation state unreadable") from None
+        return _state_decoder.decode(plain)
+
 
     async def _dispatch(
         self, command: m.TsmCommand, record: SeRecord, round_trips: list[int]
@@ -290,7 +452,7 @@ class TsmEngine:
         for attempt in range(1, self._attempts + 1):
             session = s.ScriptSession(
                 plan, self._access(record), security_level=self.security_level,
-                random=self._random,
+                random=self._draw,
             )
             if record.challenge_mode is ChallengeMode.RANDOM:
                 first = await self._send(device_id, plan.operation, session.first_round(), ())
@@ -356,12 +518,25 @@ class TsmEngine:
         temporary_pins: Sequence[m.TemporaryPin],
     ) -> m.SeScriptResult:
         script = m.SeScript(
-            script_id=uuid.uuid4().hex,
+            script_id=self._draw(16).hex(),
             operation=operation,
             steps=[m.ScriptStep(step.apdu, list(step.expect)) for step in wire],
             temporary_pins=list(temporary_pins),
         )
-        result = await self.link.exchange(device_id, script)
+        replay = _replay.get()
+        if replay is None:
+            if self.link is None:
+                raise PhoneUnreachable("no phone link: the operation must be started")
+            result = await self.link.exchange(device_id, script)
+        else:
+            exchange = replay.exchanges
+            replay.exchanges += 1
+            if exchange == len(replay.results):
+                raise _Suspend(device_id, script)  # the phone's answer is not here yet
+            answered = replay.results[exchange]
+            if answered is None:
+                raise PhoneUnreachable("no answer from the phone in time")
+            result = answered
         if result.script_id != script.script_id:
             raise SecureChannelError("answer belongs to another script")
         return result
@@ -452,7 +627,7 @@ class TsmEngine:
         self, command: m.GenerateKeys, record: SeRecord, round_trips: list[int]
     ) -> m.GenerateKeysReply:
         kinds = list(dict.fromkeys(command.certificates))
-        challenges = [self._random(32) for _ in kinds]
+        challenges = [self._draw(32) for _ in kinds]
         plan = s.plan_generate_keys(kinds, command.owner_reference, challenges)
         answers = await self._session(record, plan, round_trips)
         keys = [
@@ -478,7 +653,7 @@ class TsmEngine:
         kinds = [c.kind for c in command.certificates]
         if len(set(kinds)) != len(kinds):
             raise OperationFailed(m.ErrorCode.BAD_REQUEST, "a certificate kind appears twice")
-        pins = [s.new_temporary_pin(kind, mode, self._random) for kind in kinds]
+        pins = [s.new_temporary_pin(kind, mode, self._draw) for kind in kinds]
         plan = s.plan_store_certificates(
             [(c.kind, c.certificate, c.ca_certificate) for c in command.certificates], mode, pins
         )
@@ -518,7 +693,7 @@ class TsmEngine:
     ) -> m.ResetPinReply:
         kinds = list(dict.fromkeys(command.certificates))
         values = [
-            s.new_temporary_pin(kind, jpki.TemporaryPinMode.USABLE, self._random) for kind in kinds
+            s.new_temporary_pin(kind, jpki.TemporaryPinMode.USABLE, self._draw) for kind in kinds
         ]
         answers = await self._session(
             record, s.plan_reset_pin(values), round_trips, [_for_app(v) for v in values]

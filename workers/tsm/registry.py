@@ -84,6 +84,9 @@ class OperationRecord:
     operation: str
     status: str  # running | done
     reply: bytes | None = None  # the encoded reply body, once done
+    script_id: str | None = None  # the script the operation waits for (or last sent)
+    state: bytes | None = field(default=None, repr=False)  # sealed: see TsmEngine.start
+    updated_at: float = 0.0
 
 
 class Registry(Protocol):
@@ -105,8 +108,27 @@ class Registry(Protocol):
         """One transaction: the operation as it was (marked running if new), and the SE."""
         ...
 
-    async def complete(self, record: SeRecord | None, command_id: str, reply: bytes | None) -> None:
-        """One transaction: save the SE's record and, with a reply, mark the operation done."""
+    async def complete(
+        self, record: SeRecord | None, command_id: str, reply: bytes | None,
+        state: bytes | None = None,
+    ) -> None:
+        """One transaction: save the SE's record and, with a reply, mark the operation done
+        (``state`` replaces the stored operation state)."""
+        ...
+
+    async def suspend(
+        self, record: SeRecord, command_id: str, script_id: str, state: bytes
+    ) -> None:
+        """One transaction: save the SE's record and the operation's state, waiting for
+        ``script_id``."""
+        ...
+
+    async def waiting_for(self, script_id: str) -> OperationRecord | None:
+        """The operation that sent ``script_id`` last (running or done), if any."""
+        ...
+
+    async def overdue(self, before: float, limit: int = 100) -> list[str]:
+        """Script ids of running operations waiting since before ``before``."""
         ...
 
 
@@ -121,6 +143,7 @@ class MemoryRegistry:
         # Rows, not records: callers get their own copy, as from a database.
         self._elements: dict[str, tuple] = {}
         self._operations: dict[str, OperationRecord] = {}
+        self._by_script: dict[str, str] = {}  # script id -> command id
 
     async def add(self, record: SeRecord) -> None:
         self._elements.setdefault(record.cin, _as_row(record))
@@ -155,11 +178,44 @@ class MemoryRegistry:
         row = self._elements.get(cin)
         return before, SeRecord(*row) if row is not None else None
 
-    async def complete(self, record: SeRecord | None, command_id: str, reply: bytes | None) -> None:
+    async def complete(
+        self, record: SeRecord | None, command_id: str, reply: bytes | None,
+        state: bytes | None = None,
+    ) -> None:
         if record is not None:
             self._elements[record.cin] = _as_row(record)
+        operation = self._operations.get(command_id)
+        if operation is None:
+            return
         if reply is not None:
-            await self.finish_operation(command_id, reply)
+            operation.status, operation.reply = "done", reply
+        elif operation.script_id is not None:
+            # Ended without a reply (a transient failure): it waits for nothing any more.
+            self._by_script.pop(operation.script_id, None)
+            operation.script_id = None
+        operation.state = state
+
+    async def suspend(
+        self, record: SeRecord, command_id: str, script_id: str, state: bytes
+    ) -> None:
+        self._elements[record.cin] = _as_row(record)
+        operation = self._operations[command_id]
+        previous = operation.script_id
+        if previous is not None:
+            self._by_script.pop(previous, None)
+        operation.script_id, operation.state = script_id, state
+        operation.updated_at = time.time()
+        self._by_script[script_id] = command_id
+
+    async def waiting_for(self, script_id: str) -> OperationRecord | None:
+        command_id = self._by_script.get(script_id)
+        return await self.operation(command_id) if command_id is not None else None
+
+    async def overdue(self, before: float, limit: int = 100) -> list[str]:
+        return [
+            op.script_id for op in self._operations.values()
+            if op.status == "running" and op.script_id is not None and op.updated_at < before
+        ][:limit]
 
 
 metadata = MetaData()
@@ -191,9 +247,18 @@ tsm_operations = Table(
     Column("operation", String(32), nullable=False),
     Column("status", String(10), nullable=False),
     Column("reply", LargeBinary, nullable=True),
+    Column("script_id", String(64), nullable=True),
+    Column("state", LargeBinary, nullable=True),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
 )
+
+def _row_to_operation(row: object) -> OperationRecord:
+    return OperationRecord(
+        row.command_id, row.cin, row.operation, row.status, row.reply,  # type: ignore[attr-defined]
+        row.script_id, row.state, row.updated_at,  # type: ignore[attr-defined]
+    )
+
 
 def _row_to_record(row: object) -> SeRecord:
     values = {name: getattr(row, name) for name in _FIELDS}
@@ -248,7 +313,7 @@ class SqlRegistry:
             ).first()
         if row is None:
             return None
-        return OperationRecord(row.command_id, row.cin, row.operation, row.status, row.reply)
+        return _row_to_operation(row)
 
     async def start_operation(self, command_id: str, cin: str, operation: str) -> None:
         now = time.time()
@@ -290,11 +355,7 @@ class SqlRegistry:
                     select(tsm_operations).where(tsm_operations.c.command_id == command_id)
                 )
             ).first()
-            before = (
-                OperationRecord(row.command_id, row.cin, row.operation, row.status, row.reply)
-                if row is not None
-                else None
-            )
+            before = _row_to_operation(row) if row is not None else None
             if before is None:
                 await conn.execute(
                     self._insert(conn.dialect.name)(tsm_operations)
@@ -307,15 +368,58 @@ class SqlRegistry:
             ).first()
         return before, _row_to_record(element) if element is not None else None
 
-    async def complete(self, record: SeRecord | None, command_id: str, reply: bytes | None) -> None:
+    async def complete(
+        self, record: SeRecord | None, command_id: str, reply: bytes | None,
+        state: bytes | None = None,
+    ) -> None:
         async with self.db.transaction() as conn:
             if record is not None:
-                values = {name: getattr(record, name) for name in _FIELDS if name != "cin"}
-                values["updated_at"] = time.time()
-                await conn.execute(
-                    update(secure_elements)
-                    .where(secure_elements.c.cin == record.cin)
-                    .values(**values)
-                )
+                await self._save(conn, record)
+            ending = update(tsm_operations).where(tsm_operations.c.command_id == command_id)
             if reply is not None:
-                await self._finish(conn, command_id, reply)
+                ending = ending.values(status="done", reply=reply, state=state)
+            else:
+                # Ended without a reply (a transient failure): it waits for nothing any more.
+                ending = ending.values(script_id=None, state=None)
+            await conn.execute(ending.values(updated_at=time.time()))
+
+    async def suspend(
+        self, record: SeRecord, command_id: str, script_id: str, state: bytes
+    ) -> None:
+        async with self.db.transaction() as conn:
+            await self._save(conn, record)
+            await conn.execute(
+                update(tsm_operations)
+                .where(tsm_operations.c.command_id == command_id)
+                .values(script_id=script_id, state=state, updated_at=time.time())
+            )
+
+    async def waiting_for(self, script_id: str) -> OperationRecord | None:
+        async with self.db.transaction() as conn:
+            row = (
+                await conn.execute(
+                    select(tsm_operations).where(tsm_operations.c.script_id == script_id)
+                )
+            ).first()
+        return _row_to_operation(row) if row is not None else None
+
+    async def overdue(self, before: float, limit: int = 100) -> list[str]:
+        async with self.db.transaction() as conn:
+            rows = await conn.execute(
+                select(tsm_operations.c.script_id)
+                .where(
+                    tsm_operations.c.status == "running",
+                    tsm_operations.c.script_id.is_not(None),
+                    tsm_operations.c.updated_at < before,
+                )
+                .limit(limit)
+            )
+            return [row.script_id for row in rows]
+
+    @staticmethod
+    async def _save(conn: AsyncConnection, record: SeRecord) -> None:
+        values = {name: getattr(record, name) for name in _FIELDS if name != "cin"}
+        values["updated_at"] = time.time()
+        await conn.execute(
+            update(secure_elements).where(secure_elements.c.cin == record.cin).values(**values)
+        )

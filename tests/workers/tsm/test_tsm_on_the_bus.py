@@ -1,6 +1,6 @@
 """The SP-TSM as a service: commands on the ``tsm`` queue, scripts to ``device.<id>``,
 answers back as ``se.result.script``, the registry in SQLite (in-process transport with
-RabbitMQ semantics; the worker shell is ``jpki/tsm_worker.py``)."""
+RabbitMQ semantics; the worker shell is ``workers/tsm/service.py``)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from infra.db.database import Database
 from infra.db.outbox import outgoing
 from infra.transport.base import Delivery
 from infra.transport.inprocess import InProcessTransport
-from jpki.tsm_worker import TsmWorker
 from orchestrator.messages import SeIdentity
 from protocol.envelope import Message, build, decode
 from workers.tsm import messages as m
 from workers.tsm.keys import MasterKeyRing, MasterKeys
 from workers.tsm.provisioning import manufacture_secure_element
 from workers.tsm.registry import SqlRegistry
+from workers.tsm.service import TsmWorker
 
 
 async def test_commands_over_the_bus_reach_the_se_and_come_back(tmp_path) -> None:
