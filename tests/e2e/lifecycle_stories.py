@@ -37,7 +37,7 @@ async def issued(world: World, person: Person, phone: SimPhone | None = None,
     phone = phone or world.phone(model)
     app = await world.open_app(phone, person)
     await world.connect(phone)
-    finished = await asyncio.wait_for(app.apply(), 60)
+    finished = await asyncio.wait_for(app.apply(), 180)
     assert (finished.outcome, finished.phase) == ("issued", 4), finished
     return phone, app
 
@@ -82,7 +82,7 @@ async def stale_applet_removed_on_reconnect(world: World, phone: SimPhone,
     saga_id = await world.connect(phone)
     view = await world.wait(saga_id)
     assert (view.status, view.data.deleted) == ("completed", True), view
-    ended = await asyncio.wait_for(finished, 10)
+    ended = await asyncio.wait_for(finished, 60)
     assert (ended.outcome, ended.phase) == ("done", 1)
     assert app.core.storage.phase == 1 and app.core.storage.certificates == []
     await applet_gone(world, phone)
@@ -128,13 +128,13 @@ async def story_pin_reset(world: World) -> None:
     assert phone.pin_state(AUTH).state is jp.PinState.EXHAUSTED
     # someone else's card cannot reset it
     thief = await world.open_app(phone, mallory, storage=app.core.storage)
-    refused = await asyncio.wait_for(thief.reset_pin([AUTH]), 60)
+    refused = await asyncio.wait_for(thief.reset_pin([AUTH]), 180)
     assert (refused.outcome, refused.reason) == ("refused", "bad_application")
     assert phone.pin_state(AUTH).state is jp.PinState.EXHAUSTED
     # the owner's card can
     app = await world.open_app(phone, alice, storage=thief.core.storage, user=app.user)
     app.user.next_pins[AUTH] = "4242"
-    finished = await asyncio.wait_for(app.reset_pin([AUTH]), 60)
+    finished = await asyncio.wait_for(app.reset_pin([AUTH]), 180)
     assert (finished.outcome, finished.phase) == ("issued", 4), finished
     assert phone.pin_state(AUTH).state is jp.PinState.SET
     assert phone.pin_state(AUTH).tries_left == 3
@@ -173,7 +173,7 @@ async def story_disposal(world: World) -> None:
     # the user slips once on the signing password: a try is spent and it is asked again
     app.user.script = dataclasses.replace(
         app.user.script, typos=frozenset({LifecycleScreen.DISPOSE_PASSWORD}))
-    finished = await asyncio.wait_for(app.dispose(), 60)
+    finished = await asyncio.wait_for(app.dispose(), 180)
     assert (finished.what, finished.outcome, finished.phase) == ("disposal", "done", 1), finished
     assert await statuses(world, before) == {
         AUTH: ("revoked", "cessation_of_operation"), SIGN: ("revoked", "cessation_of_operation")}
@@ -191,7 +191,7 @@ async def story_reissue(world: World) -> None:
     phone, app = await issued(world, alice)
     old = certificates(phone)
     old_key = phone.applet().public_key(jp.EF.AUTH_KEY).public_numbers()
-    finished = await asyncio.wait_for(app.apply(), 60)
+    finished = await asyncio.wait_for(app.apply(), 180)
     assert (finished.outcome, finished.phase) == ("issued", 4)
     new = certificates(phone)
     assert {c.serial_number for c in new.values()}.isdisjoint(c.serial_number for c in old.values())
@@ -275,7 +275,7 @@ async def story_temporary_loss_found(world: World) -> None:
                            temporary_loss_id=report.request_id)
     await world.operator.submit(found, saga_id=report.request_id)  # stops the timer
     saga_id = await world.operator.submit(found)
-    finished = await asyncio.wait_for(renewal, 60)
+    finished = await asyncio.wait_for(renewal, 180)
     assert (finished.outcome, finished.phase) == ("issued", 4), finished
     view = await world.wait(saga_id)
     assert (view.flow, view.status) == ("lifecycle.found", "completed"), view
@@ -298,8 +298,12 @@ async def story_temporary_loss_not_found(world: World) -> None:
     report = lm.TemporaryLossReport(**world.request_fields(), phone=phone.phone)
     saga_id = await world.report(report, wait=False)
     await world.wait(saga_id, status="event")
-    assert await statuses(world, before) == {AUTH: HELD, SIGN: HELD}
-    view = await world.wait(saga_id, within=30)
+    seen = await statuses(world, before)
+    if (await world.orchestrator.engine.get(saga_id)).waiting == "event":
+        assert seen == {AUTH: HELD, SIGN: HELD}  # seen while the timer still ran
+    else:  # a loaded machine let the short period pass before the OCSP check
+        assert set(seen.values()) <= {HELD, ("revoked", "key_compromise")}, seen
+    view = await world.wait(saga_id, within=120)
     assert view.status == "compensated" and "s03_until_found" in view.reason, view
     assert await statuses(world, before) == {AUTH: ("revoked", "key_compromise"),
                                              SIGN: ("revoked", "key_compromise")}

@@ -185,7 +185,7 @@ class World:
 
     # -- looking -----------------------------------------------------------------------------
 
-    async def wait(self, saga_id: str, within: float = 60.0, *, status: str | None = None) -> Any:
+    async def wait(self, saga_id: str, within: float = 180.0, *, status: str | None = None) -> Any:
         """The saga's view once it ended (or reached ``status`` / is waiting for an event)."""
         deadline = time.monotonic() + within
         view = None

@@ -127,7 +127,7 @@ async def walk(world: World) -> dict[str, tuple[int, int]]:
     effort.begin(app)
     await world.operator.submit(found, saga_id=temporary.request_id)
     await world.operator.submit(found)
-    assert (await asyncio.wait_for(renewal, 60)).outcome == "issued"
+    assert (await asyncio.wait_for(renewal, 180)).outcome == "issued"
     effort.end("found: renew the signing certificate", app)
     assert (await world.wait(timer)).status == "completed"
     renewed = certificates(first)[SIGN]
@@ -173,7 +173,7 @@ async def walk(world: World) -> dict[str, tuple[int, int]]:
     assert third.pin_state(AUTH).state is jp.PinState.EXHAUSTED
     app3.user.next_pins[AUTH] = "2580"
     effort.begin(app3)
-    assert (await asyncio.wait_for(app3.reset_pin([AUTH]), 60)).outcome == "issued"
+    assert (await asyncio.wait_for(app3.reset_pin([AUTH]), 180)).outcome == "issued"
     effort.end("PIN reset", app3)
     assert verify_on_se(third, AUTH, "2580") == StatusWord.OK
     assert certificates(third) == three
@@ -181,7 +181,7 @@ async def walk(world: World) -> dict[str, tuple[int, int]]:
 
     # 9. disposal, confirmed with the signing password
     effort.begin(app3)
-    done = await asyncio.wait_for(app3.dispose(), 60)
+    done = await asyncio.wait_for(app3.dispose(), 180)
     effort.end("disposal", app3)
     assert (done.outcome, done.phase) == ("done", 1)
     ledger.expect(three[AUTH], ("revoked", "cessation_of_operation"))
