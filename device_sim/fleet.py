@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import enum
+import functools
 import json
 import random
 import resource
@@ -69,7 +70,7 @@ from device_sim.se.jpki_applet import (
 )
 from infra.bus import Bus
 from infra.logging import configure_logging
-from infra.mqtt import MqttPhoneLink
+from infra.mqtt import TOPIC_ROOT, MqttPhoneLink
 from infra.transport.phone_link import DownHandler, InProcessPhoneHub, PhoneLink
 from orchestrator import messages as om
 from protocol.envelope import Message
@@ -776,6 +777,7 @@ async def _fleet_main(
     key_pool: int | None,
     concurrency: int | None,
     hold_only: bool = False,
+    topic_root: str = TOPIC_ROOT,
 ) -> Fleet:
     # Imported here: the embedded runner owns the local secrets and key files of a data
     # directory, and this command must read the same ones as the services it runs against.
@@ -805,7 +807,7 @@ async def _fleet_main(
     hub: InProcessPhoneHub | None = None
     make_link: LinkFactory
     if link_kind == "mqtt":
-        make_link = lambda device_id: MqttPhoneLink(mqtt_url, device_id)  # noqa: E731
+        make_link = functools.partial(mqtt_link, mqtt_url, topic_root)
     else:
         from infra.transport.rabbitmq import RabbitMQTransport
 
@@ -845,6 +847,11 @@ async def _fleet_main(
         if transport is not None:
             await transport.close()
     return fleet
+
+
+def mqtt_link(url: str, topic_root: str, device_id: str) -> PhoneLink:
+    """The phone's own MQTT session (its client id is derived from the device id)."""
+    return MqttPhoneLink(url, device_id, topic_root=topic_root)
 
 
 async def hold_sessions(fleet: Fleet, make_link: LinkFactory, connecting: int = 100) -> float:
@@ -935,6 +942,13 @@ async def hold_sessions(fleet: Fleet, make_link: LinkFactory, connecting: int = 
 @click.option("--key-pool-size", type=int, default=64, show_default=True)
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option(
+    "--topic-root",
+    envvar="JPKI_TOPIC_ROOT",
+    default=TOPIC_ROOT,
+    show_default=True,
+    help="env JPKI_TOPIC_ROOT; the gateway's --topic-root (runs apart on one broker)",
+)
+@click.option(
     "--device-prefix",
     default="phone",
     show_default=True,
@@ -967,6 +981,7 @@ def fleet_command(
     key_pool: bool,
     key_pool_size: int,
     report: Path | None,
+    topic_root: str,
     device_prefix: str,
     hold_only: bool,
     log_level: str,
@@ -1001,6 +1016,7 @@ def fleet_command(
             key_pool=key_pool_size if key_pool else None,
             concurrency=concurrency,
             hold_only=hold_only,
+            topic_root=topic_root,
         )
     )
     if hold_only:

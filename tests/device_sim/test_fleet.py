@@ -275,6 +275,8 @@ def test_fleet_command_holds_every_phone_online_and_reports_memory(mqtt_url, tmp
             "11",
             "--device-prefix",
             f"t{unique}",
+            "--topic-root",
+            f"jpki-test-{unique}/dev",
         ],
         env={"JPKI_CA_PASSPHRASE": f"fleet command test {unique}"},
     )
