@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -107,6 +107,7 @@ class World:
     ring: Any
     phones: list[SimPhone] = field(default_factory=list)
     people: int = 0
+    last_person: Person | None = field(default=None, repr=False)
 
     # -- people, phones, apps ----------------------------------------------------------------
 
@@ -116,6 +117,7 @@ class World:
         person = await asyncio.to_thread(make_person, index, self.rng, self.cards.issuer_for,
                                          GeneratedKeys())
         await self.cards.record()
+        self.last_person = person
         return person
 
     def phone(self, model: str = "Pixel 9") -> SimPhone:
@@ -242,6 +244,7 @@ async def _start_from_template(data_dir: Path) -> None:
 async def lifecycle_world(
     data_dir: Path, services: Services | None = None, *, seed: int = 7,
     not_found_period_s: float = 3600.0, use_template: bool = True,
+    on_transport: Callable[[Transport], Awaitable[None]] | None = None,
 ) -> AsyncIterator[World]:
     """Start every service of the stack in this process; stop them on the way out."""
     services = services or Services()
@@ -256,6 +259,8 @@ async def lifecycle_world(
         transport = RabbitMQTransport(services.amqp_url, connection_name="jpki-lifecycle")
     await transport.connect()
     await declare_topology(transport, SERVICE_QUEUES)
+    if on_transport is not None:
+        await on_transport(transport)
     bus = Bus(transport)
     ca_db = services.database("ca", data_dir)
     ca = await CertificateAuthority.open(

@@ -16,6 +16,7 @@ from cryptography import x509
 from jpki import audit as audit_mod
 from orchestrator import lifecycle_messages as lm
 from protocol import jpki as jp
+from protocol.envelope import InvalidMessage, decode
 from protocol.errors import StatusWord
 from tests.e2e.lifecycle_stories import (
     AUTH,
@@ -29,8 +30,13 @@ from tests.e2e.lifecycle_stories import (
     verify_on_se,
 )
 from tests.e2e.lifecycle_world import World, drop_schemas, lifecycle_world, real_services
+from tests.e2e.secrets_scan import scan
+from tests.e2e.test_issuance_e2e import Capture
 
 pytestmark = pytest.mark.e2e
+
+NEW_SIGNING_PASSWORD = "NEWPASS2024"  # noqa: S105 - a test user's choice
+NEW_AUTH_PIN = "2580"
 
 
 class Ledger:
@@ -102,11 +108,11 @@ async def walk(world: World) -> dict[str, tuple[int, int]]:
     await ledger.check("issue")
 
     # 2. PIN change (the signing password), local and recorded
-    app.user.next_pins[SIGN] = "NEWPASS2024"
+    app.user.next_pins[SIGN] = NEW_SIGNING_PASSWORD
     effort.begin(app)
     assert (await app.change_pin(SIGN)).outcome == "done"
     effort.end("PIN change", app)
-    assert verify_on_se(first, SIGN, "NEWPASS2024") == StatusWord.OK
+    assert verify_on_se(first, SIGN, NEW_SIGNING_PASSWORD) == StatusWord.OK
     await ledger.check("PIN change")
 
     # 3. temporary loss: both held, the not-found timer running
@@ -171,11 +177,11 @@ async def walk(world: World) -> dict[str, tuple[int, int]]:
     for _ in range(3):
         verify_on_se(third, AUTH, "0000" if app3.user.pins[AUTH] != "0000" else "1111")
     assert third.pin_state(AUTH).state is jp.PinState.EXHAUSTED
-    app3.user.next_pins[AUTH] = "2580"
+    app3.user.next_pins[AUTH] = NEW_AUTH_PIN
     effort.begin(app3)
     assert (await asyncio.wait_for(app3.reset_pin([AUTH]), 180)).outcome == "issued"
     effort.end("PIN reset", app3)
-    assert verify_on_se(third, AUTH, "2580") == StatusWord.OK
+    assert verify_on_se(third, AUTH, NEW_AUTH_PIN) == StatusWord.OK
     assert certificates(third) == three
     await ledger.check("PIN reset")
 
@@ -222,9 +228,41 @@ async def test_one_person_through_every_flow_on_real_services(
     tmp_path: Path, amqp_vhost_url: str, mqtt_url: str, pg_url: str, unique: str
 ) -> None:
     services = real_services(amqp_vhost_url, mqtt_url, pg_url, unique)
+    capture = Capture(mqtt_url)
+    await capture.start_mqtt()
     try:
-        async with lifecycle_world(tmp_path, services) as world:
+        async with lifecycle_world(
+            tmp_path, services,
+            on_transport=lambda transport: capture.start_amqp(amqp_vhost_url, transport),
+        ) as world:
             await walk(world)
             assert await audit(world, tmp_path) == []
+            person = world.last_person
     finally:
+        await capture.stop()
         await drop_schemas(services, tmp_path)
+    # no PIN or password of the person, old or new, on either broker in any encoding
+    secrets = {"card_password": person.card_password, "auth_pin": person.auth_pin,
+               "signing_password": person.signing_password,
+               "new_signing_password": NEW_SIGNING_PASSWORD, "new_auth_pin": NEW_AUTH_PIN}
+    root = services.topic_root.split("/")[0]
+    ours = [c for c in capture.items if c.where.startswith(("amqp:", f"mqtt:{root}/"))]
+    assert sum(c.where.startswith("mqtt:") for c in ours) > 50
+    leaks = scan(ours, secrets)
+    assert leaks == [], [(h.secret_label, h.encoding, h.where) for h in leaks[:5]]
+    # temporary PINs (issuances, the found phone's renewal, the PIN reset) travel only in
+    # the TSM's scripts to the phone
+    temporary: dict[str, str] = {}
+    scripts = []
+    for item in ours:
+        try:
+            message = decode(item.payload)
+        except InvalidMessage:
+            continue
+        if message.envelope.type == "se.cmd.script":
+            scripts.append(item)
+            for pin in message.body.temporary_pins:
+                temporary[f"{item.where}/{pin.kind.value}/{len(temporary)}"] = pin.pin
+    assert len(temporary) >= 6, temporary.keys()
+    leaks = scan([c for c in ours if c not in scripts], temporary)
+    assert leaks == [], [(h.secret_label, h.encoding, h.where) for h in leaks[:5]]
