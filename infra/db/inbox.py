@@ -95,7 +95,7 @@ class InboxConsumer:
         self._batch_size = batch_size
         self._prefetch = prefetch
         self._clock = clock
-        self._pending: list[tuple[Delivery, Message, asyncio.Future[None]]] = []
+        self._pending: list[tuple[Delivery, Message]] = []
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._subscription: Subscription | None = None
@@ -117,6 +117,7 @@ class InboxConsumer:
             worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await worker
+        self._pending.clear()  # the cancelled subscription gave these back to the queue
 
     async def _on_delivery(self, delivery: Delivery) -> None:
         try:
@@ -126,12 +127,10 @@ class InboxConsumer:
                         reason=str(exc))
             await delivery.park(str(exc))
             return
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((delivery, message, done))
+        # Returns unsettled: the worker settles it once its batch commits, and until then
+        # it stays in flight (counted against prefetch). No task or future waits for it.
+        self._pending.append((delivery, message))
         self._arrived.set()
-        # Settled by the worker after the batch commits; waiting here keeps the delivery
-        # in flight (and counted against prefetch) until then.
-        await done
 
     async def _work(self) -> None:
         while True:
@@ -146,29 +145,25 @@ class InboxConsumer:
                     raise
                 except Exception:
                     log.exception("inbox_batch_crashed", queue=self._queue)
-                    for delivery, _, done in batch:
-                        if not done.done():  # not settled yet: give it back to the queue
-                            with contextlib.suppress(Exception):
-                                await delivery.retry()
-                        _settle(done)
+                    for delivery, _ in batch:  # give back what is not settled yet
+                        with contextlib.suppress(Exception):
+                            await delivery.retry()
 
-    async def _run_batch(self, batch: list[tuple[Delivery, Message, asyncio.Future[None]]]) -> None:
+    async def _run_batch(self, batch: list[tuple[Delivery, Message]]) -> None:
         try:
-            out = await self._commit([m for _, m, _ in batch])
+            out = await self._commit([m for _, m in batch])
         except Exception as exc:
             if len(batch) == 1:
                 await self._failed(batch[0][0], exc)
-                _settle(batch[0][2])
                 return
             log.warning("inbox_batch_failed_retrying_singly", queue=self._queue,
                         size=len(batch), error=type(exc).__name__)
             for item in batch:
                 await self._run_batch([item])
             return
-        for delivery, _, done in batch:
-            with contextlib.suppress(Exception):  # a lost ack means a redelivery: deduplicated
-                await delivery.ack()
-            _settle(done)
+        # one merged ack where the transport can; a lost ack means a redelivery: deduplicated
+        with contextlib.suppress(Exception):
+            await self._transport.ack_many([delivery for delivery, _ in batch])
         if self._relay is not None:
             self._relay.handoff(out)
 
@@ -196,9 +191,3 @@ class InboxConsumer:
         log.warning("message_failed_retry", queue=self._queue, message_id=delivery.message_id,
                     delivery_count=delivery.delivery_count, error=type(exc).__name__)
         await delivery.retry()
-
-
-def _settle(done: asyncio.Future[None]) -> None:
-    # the delivery's handler may have been cancelled meanwhile (its channel closed)
-    if not done.done():
-        done.set_result(None)

@@ -125,6 +125,12 @@ class Transport(ABC):
         A handler that raises with its delivery unsettled gets it retried.
         """
 
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """Ack deliveries of this transport together (a batch whose effects committed);
+        a transport may merge the acks into fewer frames. Settled ones are skipped."""
+        for delivery in deliveries:
+            await delivery.ack()
+
     @abstractmethod
     async def park(self, queue: str, message: Outgoing, reason: str) -> None:
         """Put a message that never reached ``queue`` (refused at the edge, e.g. by the

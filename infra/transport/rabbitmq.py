@@ -9,20 +9,26 @@ Topology (declared idempotently, re-declared by the robust connection after a re
   queue bound to ``jpki.dlx`` by ``q``.
 
 Publishing uses its own channel in confirm mode with ``mandatory`` set: a batch is
-published with every message in flight at once and returns when all are confirmed; a
-message no queue is bound for comes back and raises ``Unroutable``. Each subscription
+written to the socket as one block of frames (one ``send`` instead of one per message)
+with every message in flight at once, and returns when all are confirmed; a message no
+queue is bound for comes back and raises ``Unroutable``. Each subscription
 gets its own channel (its prefetch is the channel's QoS), so cancelling it closes the
 channel and the broker returns what the consumer held, as it does when a process dies.
 
 ``park(reason)`` publishes the message to the dead-letter exchange with the reason in a
 header, waits for the confirm, then acks the original: the reason survives and nothing is
 lost in between (at worst the message is parked twice, with one id).
+
+``ack_many`` settles a committed batch with one ``basic.ack`` (``multiple``) up to the
+highest delivery tag below which nothing else is unsettled, and single acks above it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -36,6 +42,9 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aiormq.abc import ChannelFrame
+from pamqp import commands as amqp
+from pamqp.header import ContentHeader
 
 from infra.transport.base import (
     DEFAULT_DELIVERY_LIMIT,
@@ -120,19 +129,27 @@ class _RabbitDelivery(Delivery):
         self._queue = queue
         self._transport = transport
         self._subscription = subscription
+        self.settled = False
+        # the AMQP channel it came on: delivery tags count per channel (a new one after a
+        # reconnect), so an ack always goes to the channel that delivered
+        self.channel: aiormq.abc.AbstractChannel = message.channel
+        self.tag: int = message.delivery_tag or 0
 
     async def ack(self) -> None:
-        await self._settle(self._message.ack)
+        await self._settle(lambda: self.channel.basic_ack(self.tag))
 
     async def retry(self) -> None:
-        await self._settle(lambda: self._message.nack(requeue=True))
+        await self._settle(lambda: self.channel.basic_nack(self.tag, requeue=True))
 
     async def park(self, reason: str) -> None:
-        if self._subscription.active:
+        if self._subscription.active and not self.settled:
             await self._transport._park(self._queue, self._message, reason)
-        await self._settle(self._message.ack)
+        await self._settle(lambda: self.channel.basic_ack(self.tag))
 
     async def _settle(self, settle: Callable[[], Awaitable[None]]) -> None:
+        if self.settled:
+            return
+        self.settled = True
         # A cancelled subscription's channel is closing and the broker returns what it
         # held: settling on it now would race the close (and a frame on a closed channel
         # costs the whole connection), so leave it to the broker.
@@ -143,6 +160,9 @@ class _RabbitDelivery(Delivery):
         except (aiormq.exceptions.ChannelInvalidStateError, aiormq.exceptions.AMQPError) as exc:
             # The channel is gone: the broker has already returned the message to the queue.
             log.info("transport.settle_on_closed_channel", error=type(exc).__name__)
+        finally:
+            # only once its frame is queued: a merged ack computed meanwhile stops below it
+            self._subscription.settled(self)
 
 
 PARKING_LOT_ARGUMENTS: Mapping[str, Any] = {"x-queue-type": "quorum"}
@@ -175,6 +195,18 @@ class _RabbitSubscription(Subscription):
         self.queue = queue
         self.tasks: set[asyncio.Task[Any]] = set()
         self.active = True
+        # delivery tags not yet settled, per AMQP channel (see ``ack_many``)
+        self.unsettled: dict[aiormq.abc.AbstractChannel, set[int]] = {}
+
+    def delivered(self, delivery: _RabbitDelivery) -> None:
+        self.unsettled.setdefault(delivery.channel, set()).add(delivery.tag)
+
+    def settled(self, delivery: _RabbitDelivery) -> None:
+        tags = self.unsettled.get(delivery.channel)
+        if tags is not None:
+            tags.discard(delivery.tag)
+            if not tags:
+                del self.unsettled[delivery.channel]
 
     async def cancel(self) -> None:
         if not self.active:
@@ -282,18 +314,19 @@ class RabbitMQTransport(Transport):
         self._declared[queue] = known + tuple(k for k in binding_keys if k not in known)
 
     async def publish(self, messages: Sequence[Outgoing]) -> None:
-        exchange = self._exchange
-        if exchange is None:
+        channel = self._publish_channel
+        if channel is None or self._exchange is None:
             raise TransportError("RabbitMQ transport is not connected")
         for start in range(0, len(messages), _PUBLISH_WINDOW):
             window = messages[start : start + _PUBLISH_WINDOW]
-            results = await asyncio.gather(
-                *(
-                    exchange.publish(self._amqp_message(m), m.routing_key, mandatory=True)
-                    for m in window
-                ),
-                return_exceptions=True,
-            )
+            try:
+                underlay = await channel.get_underlay_channel()
+                confirmations = await _write_publishes(underlay, self._exchange_name, window)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                raise TransportError(f"publish not written: {type(exc).__name__}") from None
+            results = await asyncio.gather(*confirmations, return_exceptions=True)
             for outgoing, result in zip(window, results, strict=True):
                 if isinstance(result, BaseException):
                     raise self._publish_error(outgoing, result) from None
@@ -330,10 +363,11 @@ class RabbitMQTransport(Transport):
                 # close returns it to the queue. Handling it now could overtake
                 # earlier messages the cancel interrupted (and that come back first).
                 return
+            delivery = _RabbitDelivery(message, queue, self, subscription)
+            subscription.delivered(delivery)
             task = asyncio.current_task()
             if task is not None:
                 subscription.tasks.add(task)
-            delivery = _RabbitDelivery(message, queue, self, subscription)
             try:
                 await handler(delivery)
             except asyncio.CancelledError:
@@ -345,8 +379,7 @@ class RabbitMQTransport(Transport):
                     message_id=delivery.message_id,
                     error=type(exc).__name__,
                 )
-                if not message.processed:
-                    await delivery.retry()
+                await delivery.retry()
             finally:
                 if task is not None:
                     subscription.tasks.discard(task)
@@ -354,6 +387,50 @@ class RabbitMQTransport(Transport):
         await amqp_queue.consume(on_message)
         self._subscriptions.add(subscription)
         return subscription
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        by_channel: dict[
+            tuple[_RabbitSubscription, aiormq.abc.AbstractChannel], list[_RabbitDelivery]
+        ] = {}
+        for delivery in deliveries:
+            if not isinstance(delivery, _RabbitDelivery):
+                raise TypeError(f"not a RabbitMQ delivery: {type(delivery).__name__}")
+            if not delivery.settled:
+                by_channel.setdefault(
+                    (delivery._subscription, delivery.channel), []
+                ).append(delivery)
+        for (subscription, channel), group in by_channel.items():
+            await self._ack_group(subscription, channel, group)
+
+    @staticmethod
+    async def _ack_group(
+        subscription: _RabbitSubscription,
+        channel: aiormq.abc.AbstractChannel,
+        group: list[_RabbitDelivery],
+    ) -> None:
+        for delivery in group:
+            delivery.settled = True
+        try:
+            if not subscription.active:
+                return  # the channel's close returns them (see ``_settle``)
+            acking = {d.tag for d in group}
+            others = subscription.unsettled.get(channel, set()) - acking
+            # ``multiple`` acks every unsettled tag up to it: stop below the first tag
+            # that is not ours (still being handled, or its own settle in flight)
+            first_other = min(others, default=None)
+            below = [t for t in acking if first_other is None or t < first_other]
+            singles = sorted(t for t in acking if first_other is not None and t > first_other)
+            try:
+                if below:
+                    await channel.basic_ack(max(below), multiple=True)
+                for tag in singles:
+                    await channel.basic_ack(tag)
+            except (aiormq.exceptions.ChannelInvalidStateError,
+                    aiormq.exceptions.AMQPError) as exc:
+                log.info("transport.settle_on_closed_channel", error=type(exc).__name__)
+        finally:
+            for delivery in group:
+                subscription.settled(delivery)
 
     async def _park(self, queue: str, message: AbstractIncomingMessage, reason: str) -> None:
         headers = dict(message.headers or {})
@@ -493,3 +570,73 @@ class RabbitMQTransport(Transport):
             await channel.exchange_delete(self._exchange_name)
             await channel.exchange_delete(self._dlx_name)
         self._declared.clear()
+
+
+def _forget_message_id(
+    channel: aiormq.abc.AbstractChannel, message_id: str, tag: int, _: asyncio.Future[Any]
+) -> None:
+    if channel.message_id_delivery_tag.get(message_id) == tag:  # type: ignore[attr-defined]
+        del channel.message_id_delivery_tag[message_id]  # type: ignore[attr-defined]
+
+
+async def _write_publishes(
+    channel: aiormq.abc.AbstractChannel, exchange: str, messages: Sequence[Outgoing]
+) -> list[asyncio.Future[Any]]:
+    """Write ``messages`` as one block of frames; returns their confirmation futures.
+
+    aiormq's ``basic_publish`` writes (and waits for the socket to drain) once per
+    message: one ``send`` system call each, which costs more CPU than anything else on
+    the publishing path. This keeps aiormq's own bookkeeping (delivery tag, confirmation
+    future, message id for a ``basic.return``) exactly as ``basic_publish`` does, under
+    the channel's lock, and hands the frames to the connection's writer at once.
+    """
+    state: Any = channel  # aiormq.Channel's bookkeeping is not on its abstract interface
+    frames: list[Any] = []
+    confirmations: list[asyncio.Future[Any]] = []
+    registered: list[tuple[int, str]] = []
+    async with state.lock:
+        first_tag = state.delivery_tag
+        for message in messages:
+            state.delivery_tag += 1
+            tag = state.delivery_tag
+            # a basic.return names the message by its id: it must be there and unique
+            message_id = message.message_id or uuid.uuid4().hex
+            confirmation = state.create_future()
+            state.confirmations[tag] = confirmation
+            state.message_id_delivery_tag[message_id] = tag
+            registered.append((tag, message_id))
+            confirmations.append(confirmation)
+            frames.append(amqp.Basic.Publish(exchange=exchange, routing_key=message.routing_key,
+                                             mandatory=True))
+            frames.append(ContentHeader(
+                body_size=len(message.body),
+                properties=amqp.Basic.Properties(
+                    content_type="application/json",
+                    delivery_mode=2,  # persistent
+                    headers=dict(message.headers),
+                    message_id=message_id,
+                ),
+            ))
+            frames.extend(state._split_body(message.body))
+        drain = state.create_future()
+        try:
+            await state.write_queue.put(
+                ChannelFrame.marshall(channel_number=state.number, frames=frames,
+                                      drain_future=drain)
+            )
+        except BaseException:
+            # nothing reached the writer: give the tags back, as basic_publish does
+            state.delivery_tag = first_tag
+            for (tag, message_id), confirmation in zip(registered, confirmations, strict=True):
+                state.confirmations.pop(tag, None)
+                if state.message_id_delivery_tag.get(message_id) == tag:
+                    del state.message_id_delivery_tag[message_id]
+                confirmation.cancel()
+            drain.cancel()
+            raise
+        for (tag, message_id), confirmation in zip(registered, confirmations, strict=True):
+            confirmation.add_done_callback(
+                functools.partial(_forget_message_id, channel, message_id, tag)
+            )
+        await drain
+    return confirmations
