@@ -153,6 +153,10 @@ class WorkerPath:
         await self.worker.start()
 
     async def stop(self) -> None:
+        # Let the relay settle into its idle wait first: on Python 3.11 asyncio.wait_for
+        # swallows a cancel that lands as its inner wait completes (CPython gh-86296), and
+        # OutboxRelay.stop() then waits forever.
+        await asyncio.sleep(0.2)
         await self.worker.stop()
         await self.transport.close()
 
