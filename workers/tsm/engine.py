@@ -467,7 +467,7 @@ class TsmEngine:
             wire = session.offline_script(predicted)
             # Persist intent: the counter is spent even if the script never arrives.
             record.sequence_counter = predicted
-            await self.registry.save(record)
+            await self._save(record)
             result = await self._send(device_id, plan.operation, wire, temporary_pins)
             round_trips[0] += 1
             try:
@@ -479,20 +479,20 @@ class TsmEngine:
                 log.warning("tsm.counter_drift", predicted=predicted, actual=exc.actual,
                             attempt=attempt)
                 record.sequence_counter = exc.actual
-                await self.registry.save(record)
+                await self._save(record)
                 if attempt == self._attempts:
                     raise
                 continue
             except NotPseudoRandom:
                 log.info("tsm.random_challenge_se", cin=record.cin)
                 record.challenge_mode = ChallengeMode.RANDOM
-                await self.registry.save(record)
+                await self._save(record)
                 continue
             except s.ScriptFailed as exc:
                 if exc.step == "INITIALIZE UPDATE":
                     # Refused before the SE derived a challenge: its counter did not move.
                     record.sequence_counter = predicted - 1
-                    await self.registry.save(record)
+                    await self._save(record)
                 if (
                     exc.step == "INITIALIZE UPDATE"
                     and exc.sw == s.SW_NOT_FOUND
@@ -503,12 +503,19 @@ class TsmEngine:
                     log.info("tsm.rotation_confirmed_late", kvn=record.pending_key_version)
                     record.key_version = record.pending_key_version
                     record.pending_key_version = None
-                    await self.registry.save(record)
+                    await self._save(record)
                     continue
                 raise
             record.last_seen = self._clock()  # saved by the operation with its outcome
             return plains
         raise OperationFailed(m.ErrorCode.COUNTER_DRIFT, f"no session in {self._attempts} tries")
+
+    async def _save(self, record: SeRecord) -> None:
+        """Persist the record before a script leaves (the counter it spends, a rotation's
+        intent). On the bus (a replay) nothing is written here: the operation stores the
+        record with its state when it suspends or ends, before any script leaves."""
+        if _replay.get() is None:
+            await self.registry.save(record)
 
     async def _send(
         self,
@@ -730,7 +737,7 @@ class TsmEngine:
         current = self._access(record)
         plan = s.plan_rotate(record.key_version, new_kvn, current.keys.dek, new_keys)
         record.pending_key_version = new_kvn
-        await self.registry.save(record)  # intent: the SE may have the new keys from here on
+        await self._save(record)  # intent: the SE may have the new keys from here on
         (answer,) = await self._session(record, plan, round_trips)
         if record.key_version == new_kvn:  # confirmed late by a 6A88 re-try above
             return m.RotateKeysReply(
