@@ -85,11 +85,11 @@ _B64_RUN = re.compile(r"[A-Za-z0-9+/_-]{8,}={0,2}")
 
 
 def _base64_cores(raw: bytes) -> Iterator[tuple[str, str]]:
-    """The characters of ``raw``'s base64 that ``raw`` alone decides, at each alignment."""
+    """The characters of ``raw``'s base64 that ``raw`` alone decides, at each alignment
+    (standard alphabet: the haystack's URL-safe characters are mapped to it)."""
     for align in range(3):
-        for name, encode in (("base64", base64.b64encode), ("base64url", base64.urlsafe_b64encode)):
-            encoded = encode(b"\x00" * align + raw).decode()
-            yield f"{name}@{align}", encoded[-(-8 * align // 6):(8 * (align + len(raw))) // 6]
+        encoded = base64.b64encode(b"\x00" * align + raw).decode()
+        yield f"base64@{align}", encoded[-(-8 * align // 6):(8 * (align + len(raw))) // 6]
 
 
 def _decoded_blobs(text: str) -> Iterator[bytes]:
@@ -120,8 +120,12 @@ def _distinct(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return kept
 
 
+_URL_TO_STD = bytes.maketrans(b"-_", b"+/")
+
+
 class Haystack:
-    """Every captured text, joined once, so each secret is one substring search."""
+    """Every captured text, joined once (as bytes: the fastest search), so each secret is one
+    substring search per encoding."""
 
     def __init__(self, items: list[tuple[str, str]]) -> None:
         items = _distinct(items)
@@ -129,12 +133,16 @@ class Haystack:
         self.starts: list[int] = []
         parts, offset = [], 0
         for _, text in items:
+            raw = text.encode("utf-8", "backslashreplace")
             self.starts.append(offset)
-            parts.append(text)
-            offset += len(text) + 1
-        self.text = "\n".join(parts)
-        self.lower = self.text.lower()
-        self.digits_alone = set(_DIGITS_ALONE.findall(self.text))
+            parts.append(raw)
+            offset += len(raw) + 1
+        self.raw = b"\n".join(parts)
+        self.lower = self.raw.lower()
+        # one base64 alphabet: URL-safe text searched with the standard one's needles
+        self.base64 = self.raw.translate(_URL_TO_STD)
+        text = self.raw.decode("utf-8", "replace")
+        self.digits_alone = set(_DIGITS_ALONE.findall(text))
         # digit codes inside any hex or base64 value, decoded (a VERIFY APDU in hex)
         self.decoded_digits: dict[str, str] = {}
         for where, text in items:
@@ -144,20 +152,22 @@ class Haystack:
 
     def where(self, offset: int) -> tuple[str, str]:
         index = bisect.bisect_right(self.starts, offset) - 1
-        return self.wheres[index], self.text[max(0, offset - 60):offset + 60]
+        context = self.raw[max(0, offset - 60):offset + 60].decode("utf-8", "replace")
+        return self.wheres[index], context
 
     def find(self, label: str, secret: bytes | str | int) -> Leak | None:
         for encoding, needle, haystack in _needles(secret):
             if encoding == "digits":
                 if needle in self.digits_alone:
-                    offset = next(m.start() for m in _DIGITS_ALONE.finditer(self.text)
-                                  if m.group() == needle)
-                    return Leak(label, "ascii", *self.where(offset))
+                    pattern = re.compile(rb"(?<![0-9A-Za-z.+/_-])" + needle.encode()
+                                         + rb"(?![0-9A-Za-z])")
+                    match = pattern.search(self.raw)
+                    return Leak(label, "ascii", *self.where(match.start() if match else 0))
                 if needle in self.decoded_digits:
                     return Leak(label, "decoded hex/base64", self.decoded_digits[needle], "")
                 continue
-            text = self.lower if haystack == "lower" else self.text
-            offset = text.find(needle)
+            text = {"lower": self.lower, "base64": self.base64}.get(haystack, self.raw)
+            offset = text.find(needle.encode())
             if offset >= 0:
                 return Leak(label, encoding, *self.where(offset))
         return None
@@ -170,7 +180,7 @@ def _needles(secret: bytes | str | int) -> Iterator[tuple[str, str, str]]:
         yield "hex", format(secret, "x"), "lower"
         raw = secret.to_bytes((secret.bit_length() + 7) // 8, "big")
         for name, core in _base64_cores(raw):
-            yield name, core, "text"
+            yield name, core, "base64"
         return
     if isinstance(secret, str):
         if secret.isdigit():
@@ -183,7 +193,7 @@ def _needles(secret: bytes | str | int) -> Iterator[tuple[str, str, str]]:
         yield "bytes literal", repr(raw)[2:-1], "text"
     yield "hex", raw.hex(), "lower"
     for name, core in _base64_cores(raw):
-        yield name, core, "text"
+        yield name, core, "base64"
 
 
 def scan(items: list[tuple[str, str]], secrets: dict[str, bytes | str | int]) -> list[Leak]:
