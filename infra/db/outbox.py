@@ -204,8 +204,11 @@ class OutboxRelay:
             if self._handed:
                 continue
             timeout = self._mark_interval if self._unmarked else self._poll_interval
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel
+            # that arrives as its wait completes (CPython gh-86296), and stop() would hang.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             self._wake.clear()
 
     async def _publish_handed(self) -> None:
