@@ -156,6 +156,11 @@ class MqttSession:
         self._closing = False
         self.connected = asyncio.Event()
         self.connections = 0  # how many times a session was (re)established
+        # messages received on the current connection and not yet acknowledged: retire()
+        # ends the session only once this is zero, so no message is dropped with it
+        self._unacked = 0
+        self._all_acked = asyncio.Event()
+        self._all_acked.set()
 
     def __repr__(self) -> str:
         return f"MqttSession({self.identifier!r}, {self._address.hostname}:{self._address.port})"
@@ -200,6 +205,32 @@ class MqttSession:
             except aiomqtt.MqttError as exc:
                 log.warning("mqtt.forget_failed", client_id=self.identifier, error=str(exc))
 
+    async def retire(self, *, drain_timeout: float = 10.0) -> None:
+        """Leave for good without losing a message: unsubscribe (the broker sends us
+        nothing new; a shared subscription's share goes to the rest of its group), let
+        every message already received be handled and acknowledged, then end the session,
+        so that it does not stay behind in the group taking its share (mosquitto #1747).
+        If that does not finish in ``drain_timeout`` the session is kept, as by ``close``:
+        the broker resends what we had not acknowledged when this identifier returns."""
+        client = self._client
+        drained = client is None  # not connected: nothing received is waiting for its ack
+        if client is not None:
+            try:
+                async with asyncio.timeout(drain_timeout):
+                    for topic in self._subscriptions:
+                        await client.unsubscribe(topic)
+                    # the UNSUBACK came after every message sent before it (one TCP stream)
+                    while len(client.messages) or self._unacked:
+                        if self._unacked:
+                            await self._all_acked.wait()
+                        else:
+                            await asyncio.sleep(0.01)  # queued: the receive loop takes it
+                drained = True
+            except (aiomqtt.MqttError, TimeoutError) as exc:
+                log.warning("mqtt.retire_not_drained", client_id=self.identifier,
+                            unacked=self._unacked, error=type(exc).__name__)
+        await self.close(forget=drained)
+
     def _new_client(self) -> aiomqtt.Client:
         client = aiomqtt.Client(
             self._address.hostname,
@@ -229,6 +260,8 @@ class MqttSession:
                         await client.subscribe(topic, qos=QOS)
                     self._client = client
                     self._lost = asyncio.Event()
+                    self._unacked = 0  # the broker resends the last connection's unacked
+                    self._all_acked.set()
                     attempt = 0
                     self.connections += 1
                     self.connected.set()
@@ -246,6 +279,7 @@ class MqttSession:
     async def _receive(self, client: aiomqtt.Client) -> None:
         if not self._pipelined:
             async for message in client.messages:
+                self._received()
                 await self._handle(message)
                 self._ack(client, message)
             return
@@ -255,6 +289,7 @@ class MqttSession:
         acker = asyncio.create_task(self._ack_in_order(client, in_order))
         try:
             async for message in client.messages:
+                self._received()
                 task = asyncio.create_task(self._handle(message))
                 self._handlers.add(task)
                 task.add_done_callback(self._handlers.discard)
@@ -288,10 +323,17 @@ class MqttSession:
                 error=type(exc).__name__,
             )
 
-    @staticmethod
-    def _ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+    def _received(self) -> None:
+        self._unacked += 1
+        self._all_acked.clear()
+
+    def _ack(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         if message.qos > 0:
             client._client.ack(message.mid, message.qos)
+        if client is self._client:
+            self._unacked -= 1
+            if not self._unacked:
+                self._all_acked.set()
 
     async def publish(self, topic: str, payload: bytes) -> None:
         """Publish at QoS 1 and wait for the broker's PUBACK, across reconnects."""

@@ -4,27 +4,35 @@ Starts ``jpki orchestrator``, ``jpki worker tsm``, ``jpki worker ca`` and ``jpki
 as child processes (Boulder's ``startservers.py``), waits until each one consumes its
 queue, runs ``jpki fleet`` in the foreground, stops the services (SIGTERM, then SIGKILL
 after a grace period) and runs ``jpki audit`` on what they left.
+
+A run keeps apart from anything else on the same brokers: its own RabbitMQ virtual host
+(made through the management API, deleted at the end), its own PostgreSQL database when
+``--db-url`` is given (dropped at the end unless ``--keep``), its own MQTT topic root and
+device-id prefix, and a free port for its OCSP responder.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import aio_pika
+import aiohttp
+import asyncpg
 import click
 
 from infra.bus import GATEWAY_QUEUE
 from jpki.run import local_secret
-
-OCSP_PORT = 8080
 
 # (name, jpki sub-command, what shows it is ready: the queue it consumes, or "http")
 SERVICES: tuple[tuple[str, tuple[str, ...], str], ...] = (
@@ -32,13 +40,94 @@ SERVICES: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("tsm", ("worker", "tsm"), "tsm"),
     ("ca", ("worker", "ca"), "ca"),
     ("gateway", ("gateway",), GATEWAY_QUEUE),
-    ("ocsp", ("ocsp", "serve", "--port", str(OCSP_PORT)), "http"),
+    ("ocsp", ("ocsp", "serve"), "http"),
 )
 JPKI = (sys.executable, "-c", "from jpki.cli import main; main()")
 
 
 class ServiceDidNotStart(click.ClickException):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class RunPlace:
+    """Where one run lives on shared brokers: names no other run uses."""
+
+    name: str  # also the device-id prefix
+    topic_root: str
+    vhost: str
+    database: str
+    ocsp_port: int
+
+    @classmethod
+    def new(cls, name: str | None = None) -> RunPlace:
+        name = name or f"up{secrets.token_hex(4)}"
+        return cls(
+            name=name,
+            topic_root=f"jpki/{name}/dev",
+            vhost=f"jpki-{name}",
+            database=f"jpki_{name}".replace("-", "_"),
+            ocsp_port=_free_port(),
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _with_path(url: str, path: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=path))
+
+
+def _management_api(amqp_url: str, management_url: str | None) -> tuple[str, aiohttp.BasicAuth]:
+    amqp = urlsplit(amqp_url)
+    auth = aiohttp.BasicAuth(amqp.username or "guest", amqp.password or "guest")
+    return (management_url or f"http://{amqp.hostname}:15672").rstrip("/"), auth
+
+
+async def create_vhost(amqp_url: str, management_url: str | None, vhost: str) -> str:
+    """Make ``vhost``, let the URL's user use it, return the URL that names it."""
+    base, auth = _management_api(amqp_url, management_url)
+    user = urlsplit(amqp_url).username or "guest"
+    everything = {"configure": ".*", "write": ".*", "read": ".*"}
+    async with aiohttp.ClientSession(auth=auth, raise_for_status=True) as http:
+        await http.put(f"{base}/api/vhosts/{quote(vhost, safe='')}", json={})
+        await http.put(
+            f"{base}/api/permissions/{quote(vhost, safe='')}/{quote(user, safe='')}",
+            json=everything,
+        )
+    return _with_path(amqp_url, "/" + quote(vhost, safe=""))
+
+
+async def delete_vhost(amqp_url: str, management_url: str | None, vhost: str) -> None:
+    base, auth = _management_api(amqp_url, management_url)
+    async with aiohttp.ClientSession(auth=auth) as http:
+        await http.delete(f"{base}/api/vhosts/{quote(vhost, safe='')}")
+
+
+def _asyncpg_dsn(db_url: str) -> str:
+    return db_url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+async def create_database(db_url: str, database: str) -> str:
+    """Make ``database`` on the server of ``db_url``; return the URL that names it."""
+    connection = await asyncpg.connect(_asyncpg_dsn(db_url))
+    try:
+        await connection.execute(f'CREATE DATABASE "{database}"')
+    finally:
+        await connection.close()
+    return _with_path(db_url, "/" + database)
+
+
+async def drop_database(db_url: str, database: str) -> None:
+    connection = await asyncpg.connect(_asyncpg_dsn(db_url))
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    finally:
+        await connection.close()
 
 
 @dataclass(slots=True)
@@ -49,12 +138,14 @@ class Child:
 
 
 def _environment(
-    data_dir: Path, amqp_url: str, mqtt_url: str, db_url: str | None
+    data_dir: Path, amqp_url: str, mqtt_url: str, db_url: str | None, place: RunPlace
 ) -> dict[str, str]:
     env = dict(os.environ)
     env["JPKI_AMQP_URL"] = amqp_url
     env["JPKI_MQTT_URL"] = mqtt_url
-    env["JPKI_OCSP_URL"] = f"http://127.0.0.1:{OCSP_PORT}/ocsp"
+    env["JPKI_TOPIC_ROOT"] = place.topic_root
+    env["JPKI_OCSP_URL"] = f"http://127.0.0.1:{place.ocsp_port}/ocsp"
+    env.pop("JPKI_DB_URL", None)
     if db_url:
         env["JPKI_DB_URL"] = db_url
     # Every child reads the run's secrets from the data directory; the CA commands that
@@ -67,7 +158,7 @@ def _environment(
 
 
 def start_services(
-    data_dir: Path, env: dict[str, str], names: Sequence[str] | None = None
+    data_dir: Path, env: dict[str, str], place: RunPlace, names: Sequence[str] | None = None
 ) -> list[Child]:
     """Start the services; each gets the options it takes (the gateway keeps no data)."""
     logs = data_dir / "logs"
@@ -78,12 +169,16 @@ def start_services(
             continue
         log_path = logs / f"{name}.log"
         out = log_path.open("wb")
-        # a stable gateway name: its persistent MQTT session is reused run after run, rather
-        # than each run leaving one more member in the shared subscription, which the
-        # broker keeps handing its share of the phones' messages (mosquitto issue #1747)
-        options = ["--name", "jpki-up"] if name == "gateway" else ["--data-dir", str(data_dir)]
-        if name == "ocsp" and env.get("JPKI_DB_URL"):
-            options += ["--db-url", env["JPKI_DB_URL"]]
+        # the gateway's MQTT session is named after the run; it subscribes under the run's
+        # topic root (from the environment), so no other run's gateway shares its messages
+        if name == "gateway":
+            options = ["--name", place.name, "--topic-root", place.topic_root]
+        else:
+            options = ["--data-dir", str(data_dir)]
+        if name == "ocsp":
+            options += ["--port", str(place.ocsp_port)]
+            if env.get("JPKI_DB_URL"):
+                options += ["--db-url", env["JPKI_DB_URL"]]
         process = subprocess.Popen(  # noqa: S603 - our own interpreter and CLI
             [*JPKI, *command, *options],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
@@ -93,7 +188,7 @@ def start_services(
 
 
 async def wait_until_consuming(
-    amqp_url: str, children: Sequence[Child], startup_timeout: float
+    amqp_url: str, children: Sequence[Child], startup_timeout: float, ocsp_port: int
 ) -> None:
     """Health check: every service has a consumer on its queue (and is still alive)."""
     queues = {name: queue for name, _command, queue in SERVICES}
@@ -109,7 +204,7 @@ async def wait_until_consuming(
                     )
             for name in sorted(pending):
                 if queues[name] == "http":
-                    if await _listening("127.0.0.1", OCSP_PORT):
+                    if await _listening("127.0.0.1", ocsp_port):
                         pending.discard(name)
                     continue
                 channel = await connection.channel()
@@ -162,23 +257,54 @@ def stop_services(children: Sequence[Child], grace: float = 10.0) -> dict[str, i
 @click.option("--data-dir", type=click.Path(path_type=Path), default=Path("data-up"),
               show_default=True)
 @click.option("--amqp-url", envvar="JPKI_AMQP_URL", default="amqp://guest:guest@127.0.0.1:5672/",
-              show_default=True)
+              show_default=True, help="the broker; the run makes its own virtual host on it")
+@click.option("--management-url", envvar="JPKI_RABBITMQ_MANAGEMENT_URL", default=None,
+              help="RabbitMQ management API (default http://<amqp host>:15672)")
 @click.option("--mqtt-url", envvar="JPKI_MQTT_URL", default="mqtt://127.0.0.1:1883",
               show_default=True)
 @click.option("--db-url", envvar="JPKI_DB_URL", default=None,
-              help="PostgreSQL URL; default SQLite files in --data-dir")
+              help="PostgreSQL server URL (the run makes its own database on it); "
+                   "default SQLite files in --data-dir")
+@click.option("--run-name", default=None,
+              help="names the run's vhost, database, topic root and devices (default random)")
+@click.option("--keep", is_flag=True, help="keep the run's PostgreSQL database afterwards")
 @click.option("--report", type=click.Path(path_type=Path), default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--key-pool", is_flag=True, help="SE key pairs from the pre-generated pool")
 @click.option("--startup-timeout", type=float, default=60.0, show_default=True)
+@click.option("--fleet-timeout", type=float, default=300.0, show_default=True,
+              help="how long a phone waits for its saga's end")
 def up_command(
-    phones: int, data_dir: Path, amqp_url: str, mqtt_url: str, db_url: str | None,
-    report: Path | None, seed: int | None, key_pool: bool, startup_timeout: float,
+    phones: int, data_dir: Path, amqp_url: str, management_url: str | None, mqtt_url: str,
+    db_url: str | None, run_name: str | None, keep: bool, report: Path | None,
+    seed: int | None, key_pool: bool, startup_timeout: float, fleet_timeout: float,
 ) -> None:
     """Start every service as its own process on RabbitMQ + MQTT (+ PostgreSQL), run a
     fleet of PHONES against them, stop them and audit the stores."""
+    place = RunPlace.new(run_name)
     data_dir.mkdir(parents=True, exist_ok=True)
-    env = _environment(data_dir, amqp_url, mqtt_url, db_url)
+    run_amqp_url = asyncio.run(create_vhost(amqp_url, management_url, place.vhost))
+    run_db_url = None
+    try:
+        if db_url:
+            run_db_url = asyncio.run(create_database(db_url, place.database))
+        click.echo(f"up: run {place.name}: vhost {place.vhost}, topic root {place.topic_root}"
+                   + (f", database {place.database}" if run_db_url else ""))
+        code = _run(place, phones, data_dir, run_amqp_url, mqtt_url, run_db_url, report, seed,
+                    key_pool, startup_timeout, fleet_timeout)
+    finally:
+        asyncio.run(delete_vhost(amqp_url, management_url, place.vhost))
+        if db_url and run_db_url and not keep:
+            asyncio.run(drop_database(db_url, place.database))
+    sys.exit(code)
+
+
+def _run(
+    place: RunPlace, phones: int, data_dir: Path, amqp_url: str, mqtt_url: str,
+    db_url: str | None, report: Path | None, seed: int | None, key_pool: bool,
+    startup_timeout: float, fleet_timeout: float,
+) -> int:
+    env = _environment(data_dir, amqp_url, mqtt_url, db_url, place)
     # the CA's store and keys first: the CA worker and the OCSP responder would both
     # create generation 1 of a fresh CA at once
     init = [*JPKI, "ca", "init", "--data-dir", str(data_dir)]
@@ -186,12 +312,14 @@ def up_command(
         init += ["--db-url", db_url]
     if subprocess.call(init, env=env, stdout=subprocess.DEVNULL) != 0:  # noqa: S603
         raise click.ClickException("jpki ca init failed")
-    children = start_services(data_dir, env)
+    children = start_services(data_dir, env, place)
     fleet_code = 1
     try:
-        asyncio.run(wait_until_consuming(amqp_url, children, startup_timeout))
+        asyncio.run(wait_until_consuming(amqp_url, children, startup_timeout, place.ocsp_port))
         click.echo(f"up: {', '.join(c.name for c in children)} consuming; starting the fleet")
-        fleet = [*JPKI, "fleet", "--phones", str(phones), "--data-dir", str(data_dir)]
+        fleet = [*JPKI, "fleet", "--phones", str(phones), "--data-dir", str(data_dir),
+                 "--topic-root", place.topic_root, "--device-prefix", place.name,
+                 "--timeout", str(fleet_timeout)]
         if report is not None:
             fleet += ["--report", str(report)]
         if seed is not None:
@@ -204,4 +332,4 @@ def up_command(
         click.echo("up: stopped " + ", ".join(f"{n} ({c})" for n, c in codes.items()))
     audit = [*JPKI, "audit", "--data-dir", str(data_dir)]
     audit_code = subprocess.call(audit, env=env)  # noqa: S603 - our own CLI
-    sys.exit(fleet_code or audit_code)
+    return fleet_code or audit_code

@@ -32,7 +32,8 @@ async def _serve(amqp_url: str, mqtt_url: str, name: str | None, topic_root: str
 @click.option("--amqp-url", envvar="JPKI_AMQP_URL", required=True, help="env JPKI_AMQP_URL")
 @click.option("--mqtt-url", envvar="JPKI_MQTT_URL", required=True, help="env JPKI_MQTT_URL")
 @click.option("--name", default=None, help="stable gateway name (its MQTT session id)")
-@click.option("--topic-root", default=TOPIC_ROOT, show_default=True)
+@click.option("--topic-root", envvar="JPKI_TOPIC_ROOT", default=TOPIC_ROOT, show_default=True,
+              help="env JPKI_TOPIC_ROOT; the fleet's --topic-root (runs apart on one broker)")
 @click.option("--metrics-port", type=int, default=None, help="serve /metrics on this port")
 @click.option("--log-level", default="INFO", show_default=True)
 def gateway_command(

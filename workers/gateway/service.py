@@ -129,12 +129,18 @@ class Gateway:
         ]
         log.info("gateway.started", gateway=self.name)
 
-    async def stop(self, *, forget: bool = False) -> None:
-        """Stop; ``forget`` also ends the MQTT session (a gateway retired for good)."""
+    async def stop(self, *, forget: bool = False, retire: bool = False) -> None:
+        """Stop; ``forget`` also ends the MQTT session at once. ``retire`` leaves for
+        good without losing a message: the gateway unsubscribes, forwards and acks what
+        it holds, then ends its session, which would otherwise stay in the shared group
+        and take its share of the phones' messages with nobody to read them."""
         for subscription in self._subscriptions:
             await subscription.cancel()
         self._subscriptions = []
-        await self._mqtt.close(forget=forget)
+        if retire:
+            await self._mqtt.retire()
+        else:
+            await self._mqtt.close(forget=forget)
         log.info("gateway.stopped", gateway=self.name)
 
     # --- up: phone -> AMQP -------------------------------------------------------------
@@ -233,10 +239,12 @@ async def run_gateway(
     topic_root: str = TOPIC_ROOT,
     stop: asyncio.Event | None = None,
 ) -> None:
-    """Run a gateway until ``stop`` is set (or forever), then stop it cleanly."""
+    """Run a gateway until ``stop`` is set (or forever), then retire it: a stopped
+    gateway leaves the shared subscription to the others (one that crashes keeps its
+    session, and its unacknowledged messages, until it returns under the same name)."""
     gateway = Gateway(transport, mqtt_url, name=name, topic_root=topic_root)
     await gateway.start()
     try:
         await (stop or asyncio.Event()).wait()
     finally:
-        await gateway.stop()
+        await gateway.stop(retire=True)
