@@ -19,14 +19,14 @@ passwords (and their mistyped variants), the cards' PINs, the temporary PINs and
 TSM generated, every AES key made (SE static keys, SCP03 session keys, master keys), the
 TSM and CA passphrases and the private numbers of every RSA key generated. None may appear
 in the captured text as ASCII, hex (either case), base64 (either alphabet, any alignment),
-a Python bytes literal, or — for digit codes — inside any hex or base64 value decoded.
+a Python bytes literal, or — for digit codes — inside a VERIFY or CHANGE REFERENCE DATA
+command in hex or base64.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import bisect
 import contextlib
 import io
@@ -79,9 +79,6 @@ class Leak:
 
 
 _DIGITS_ALONE = re.compile(r"(?<![0-9A-Za-z.+/_-])[0-9]+(?![0-9A-Za-z])")
-_DIGITS_ALONE_BYTES = re.compile(rb"(?<![0-9A-Za-z.+/_-])[0-9]+(?![0-9A-Za-z])")
-_HEX_RUN = re.compile(r"[0-9A-Fa-f]{8,}")
-_B64_RUN = re.compile(r"[A-Za-z0-9+/_-]{8,}={0,2}")
 
 
 def _base64_cores(raw: bytes) -> Iterator[tuple[str, str]]:
@@ -90,19 +87,6 @@ def _base64_cores(raw: bytes) -> Iterator[tuple[str, str]]:
     for align in range(3):
         encoded = base64.b64encode(b"\x00" * align + raw).decode()
         yield f"base64@{align}", encoded[-(-8 * align // 6):(8 * (align + len(raw))) // 6]
-
-
-def _decoded_blobs(text: str) -> Iterator[bytes]:
-    for run in _HEX_RUN.findall(text):
-        for start in (0, 1):
-            part = run[start:len(run) - (len(run) - start) % 2]
-            yield bytes.fromhex(part)
-    for run in _B64_RUN.findall(text):
-        padded = run.rstrip("=")
-        padded += "=" * (-len(padded) % 4)
-        for decode in (base64.b64decode, base64.urlsafe_b64decode):
-            with contextlib.suppress(binascii.Error, ValueError):
-                yield decode(padded)
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-f]+")
@@ -143,12 +127,6 @@ class Haystack:
         self.base64 = self.raw.translate(_URL_TO_STD)
         text = self.raw.decode("utf-8", "replace")
         self.digits_alone = set(_DIGITS_ALONE.findall(text))
-        # digit codes inside any hex or base64 value, decoded (a VERIFY APDU in hex)
-        self.decoded_digits: dict[str, str] = {}
-        for where, text in items:
-            for blob in _decoded_blobs(text):
-                for found in _DIGITS_ALONE_BYTES.findall(blob):
-                    self.decoded_digits.setdefault(found.decode(), where)
 
     def where(self, offset: int) -> tuple[str, str]:
         index = bisect.bisect_right(self.starts, offset) - 1
@@ -163,8 +141,6 @@ class Haystack:
                                          + rb"(?![0-9A-Za-z])")
                     match = pattern.search(self.raw)
                     return Leak(label, "ascii", *self.where(match.start() if match else 0))
-                if needle in self.decoded_digits:
-                    return Leak(label, "decoded hex/base64", self.decoded_digits[needle], "")
                 continue
             text = {"lower": self.lower, "base64": self.base64}.get(haystack, self.raw)
             offset = text.find(needle.encode())
@@ -185,6 +161,14 @@ def _needles(secret: bytes | str | int) -> Iterator[tuple[str, str, str]]:
     if isinstance(secret, str):
         if secret.isdigit():
             yield "digits", secret, "text"
+            # A short code inside a logged VERIFY or CHANGE REFERENCE DATA command, in hex or
+            # base64: the whole command is the needle, since a 4-digit code alone would match
+            # random bytes of decoded ids by chance.
+            for header in (b"\x00\x20\x00\x80", b"\x00\x24\x01\x80"):
+                apdu = header + bytes([len(secret)]) + secret.encode()
+                yield "apdu hex", apdu.hex(), "lower"
+                for name, core in _base64_cores(apdu):
+                    yield f"apdu {name}", core, "base64"
             return
         yield "ascii", secret, "text"
         raw = secret.encode()
