@@ -82,18 +82,18 @@ def _with_path(url: str, path: str) -> str:
     return urlunsplit(parts._replace(path=path))
 
 
-def _management_api(amqp_url: str, management_url: str | None) -> tuple[str, aiohttp.BasicAuth]:
+def _management_api(amqp_url: str, management_url: str | None) -> tuple[str, dict[str, str]]:
     amqp = urlsplit(amqp_url)
-    auth = aiohttp.BasicAuth(amqp.username or "guest", amqp.password or "guest")
-    return (management_url or f"http://{amqp.hostname}:15672").rstrip("/"), auth
+    auth = aiohttp.encode_basic_auth(amqp.username or "guest", amqp.password or "guest")
+    return (management_url or f"http://{amqp.hostname}:15672").rstrip("/"), {"Authorization": auth}
 
 
 async def create_vhost(amqp_url: str, management_url: str | None, vhost: str) -> str:
     """Make ``vhost``, let the URL's user use it, return the URL that names it."""
-    base, auth = _management_api(amqp_url, management_url)
+    base, headers = _management_api(amqp_url, management_url)
     user = urlsplit(amqp_url).username or "guest"
     everything = {"configure": ".*", "write": ".*", "read": ".*"}
-    async with aiohttp.ClientSession(auth=auth, raise_for_status=True) as http:
+    async with aiohttp.ClientSession(headers=headers, raise_for_status=True) as http:
         await http.put(f"{base}/api/vhosts/{quote(vhost, safe='')}", json={})
         await http.put(
             f"{base}/api/permissions/{quote(vhost, safe='')}/{quote(user, safe='')}",
@@ -103,8 +103,8 @@ async def create_vhost(amqp_url: str, management_url: str | None, vhost: str) ->
 
 
 async def delete_vhost(amqp_url: str, management_url: str | None, vhost: str) -> None:
-    base, auth = _management_api(amqp_url, management_url)
-    async with aiohttp.ClientSession(auth=auth) as http:
+    base, headers = _management_api(amqp_url, management_url)
+    async with aiohttp.ClientSession(headers=headers) as http:
         await http.delete(f"{base}/api/vhosts/{quote(vhost, safe='')}")
 
 
@@ -282,8 +282,16 @@ def up_command(
     """Start every service as its own process on RabbitMQ + MQTT (+ PostgreSQL), run a
     fleet of PHONES against them, stop them and audit the stores."""
     place = RunPlace.new(run_name)
+    # SIGTERM unwinds like Ctrl-C, so the children are stopped and the vhost is deleted
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(128 + signal.SIGTERM))
     data_dir.mkdir(parents=True, exist_ok=True)
-    run_amqp_url = asyncio.run(create_vhost(amqp_url, management_url, place.vhost))
+    try:
+        run_amqp_url = asyncio.run(create_vhost(amqp_url, management_url, place.vhost))
+    except aiohttp.ClientError as exc:
+        raise click.ClickException(
+            f"cannot make the run's virtual host through the RabbitMQ management API "
+            f"(--management-url): {type(exc).__name__}: {exc}"
+        ) from None
     run_db_url = None
     try:
         if db_url:
@@ -326,7 +334,17 @@ def _run(
             fleet += ["--seed", str(seed)]
         if key_pool:
             fleet.append("--key-pool")
-        fleet_code = subprocess.call(fleet, env=env)  # noqa: S603 - our own CLI
+        fleet_process = subprocess.Popen(fleet, env=env)  # noqa: S603 - our own CLI
+        try:
+            fleet_code = fleet_process.wait()
+        finally:
+            if fleet_process.poll() is None:  # interrupted: the fleet goes with us
+                fleet_process.terminate()
+                try:
+                    fleet_process.wait(10)
+                except subprocess.TimeoutExpired:
+                    fleet_process.kill()
+                    fleet_process.wait()
     finally:
         codes = stop_services(children)
         click.echo("up: stopped " + ", ".join(f"{n} ({c})" for n, c in codes.items()))
