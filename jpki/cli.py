@@ -14,6 +14,10 @@ def main() -> None:
 @main.group()
 def bench() -> None:
     """Reproducible benchmarks (figures printed with the machine they ran on)."""
+    # Warnings only: a log line per operation would measure the console, not the system.
+    from infra.logging import configure_logging
+
+    configure_logging("bench", level="WARNING")
 
 
 # Command families register below, one line each.
