@@ -407,7 +407,8 @@ def render_summary(outcome: RunOutcome, console: Console) -> None:
 @click.option("--key-pool", type=int, default=None, metavar="SIZE",
               help="PRE-GENERATED KEY POOL of SIZE RSA keys for SE and card keys (speed; "
                    "keys repeat: benchmarks only)")
-@click.option("--concurrency", type=int, default=None, help="phones in flight at once")
+@click.option("--concurrency", type=click.IntRange(min=1), default=32, show_default=True,
+              help="phones in flight at once (more outgrow the SP-TSM's queue and time out)")
 @click.option("--latency", type=float, default=0.0, help="added network latency, seconds")
 @click.option("--drop-rate", type=float, default=0.0, help="share of SP-TSM traffic lost")
 @click.option("--disconnect-rate", type=float, default=0.0,
