@@ -1,7 +1,9 @@
 """``jpki ca ...`` and ``jpki ocsp serve``: the CA's operator commands.
 
-The CA key passphrase comes from ``JPKI_CA_PASSPHRASE`` or ``JPKI_CA_PASSPHRASE_FILE``;
-it is never an option (it would show in the process list and the shell history).
+The CA key passphrase comes from ``JPKI_CA_PASSPHRASE`` or ``JPKI_CA_PASSPHRASE_FILE``, or
+else from ``<data dir>/secrets/ca.passphrase``, where ``jpki run`` keeps the one it made, so
+that a run's data directory can be inspected as it is. It is never an option (it would show
+in the process list and the shell history).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 import click
 
 from workers.ca.authority import CertificateAuthority
+from workers.ca.errors import CaKeyUnavailable
 from workers.ca.keystore import Passphrase
 from workers.ca.profiles import CaKind
 
@@ -22,12 +25,25 @@ data_dir_option = click.option(
     help="CA key files and, unless --db-url, its SQLite store",
 )
 db_url_option = click.option(
-    "--db-url", default=None, help="PostgreSQL URL (tables in schema 'ca'); default SQLite"
+    "--db-url",
+    envvar="JPKI_DB_URL",
+    default=None,
+    help="PostgreSQL URL (tables in schema 'ca'); default SQLite",
 )
 
 
+def _passphrase(data_dir: Path) -> Passphrase:
+    try:
+        return Passphrase.from_environment()
+    except CaKeyUnavailable as exc:
+        local = data_dir / "secrets" / "ca.passphrase"
+        if local.is_file():
+            return Passphrase(local.read_bytes().strip())
+        raise click.ClickException(f"{exc} (or run on a data directory made by jpki run)") from None
+
+
 async def _open(data_dir: Path, db_url: str | None) -> CertificateAuthority:
-    return await CertificateAuthority.open(data_dir, Passphrase.from_environment(), db_url=db_url)
+    return await CertificateAuthority.open(data_dir, _passphrase(data_dir), db_url=db_url)
 
 
 @click.group("ca")

@@ -91,7 +91,28 @@ def test_commands_refuse_without_a_passphrase(monkeypatch, tmp_path) -> None:
     monkeypatch.delenv("JPKI_CA_PASSPHRASE", raising=False)
     monkeypatch.delenv("JPKI_CA_PASSPHRASE_FILE", raising=False)
     result = CliRunner().invoke(main, ["ca", "init", "--data-dir", str(tmp_path)])
-    assert result.exit_code != 0 and isinstance(result.exception, Exception)
+    assert result.exit_code == 1
+    assert "set JPKI_CA_PASSPHRASE or JPKI_CA_PASSPHRASE_FILE" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_run_data_directory_opens_with_its_own_passphrase(monkeypatch, tmp_path) -> None:
+    """``jpki run`` keeps the passphrase it made in ``<data dir>/secrets``: export reads it."""
+    monkeypatch.delenv("JPKI_CA_PASSPHRASE", raising=False)
+    monkeypatch.delenv("JPKI_CA_PASSPHRASE_FILE", raising=False)
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "ca.passphrase").write_bytes(PASSPHRASE.value + b"\n")
+    runner = CliRunner()
+    assert runner.invoke(main, ["ca", "init", "--data-dir", str(tmp_path)]).exit_code == 0
+    out = tmp_path / "export"
+    result = runner.invoke(
+        main, ["ca", "export", "--data-dir", str(tmp_path), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert list(out.glob("*.pem")) or list(out.rglob("*.pem"))
+    (tmp_path / "secrets" / "ca.passphrase").write_bytes(b"not-the-passphrase")
+    refused = runner.invoke(main, ["ca", "export", "--data-dir", str(tmp_path), "--out", str(out)])
+    assert refused.exit_code != 0
 
 
 def test_bench_prints_both_rates(env) -> None:
