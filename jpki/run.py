@@ -192,6 +192,21 @@ async def run_embedded(
     return await run_stack(settings, EMBEDDED, on_result=on_result, on_ready=on_ready)
 
 
+async def open_transport(services: Services, connection_name: str) -> Transport:
+    """The in-process transport, or RabbitMQ when ``services`` names it; connected, with the
+    service queues declared."""
+    transport: Transport
+    if services.amqp_url is None:
+        transport = InProcessTransport()
+    else:
+        from infra.transport.rabbitmq import RabbitMQTransport
+
+        transport = RabbitMQTransport(services.amqp_url, connection_name=connection_name)
+    await transport.connect()
+    await declare_topology(transport, SERVICE_QUEUES)
+    return transport
+
+
 async def run_stack(
     settings: RunSettings, services: Services, *,
     on_result: Callable[[PhoneResult], None] | None = None,
@@ -202,15 +217,7 @@ async def run_stack(
     """Orchestrator, TSM and CA workers, the phone link and the fleet, in this process."""
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
-    transport: Transport
-    if services.amqp_url is None:
-        transport = InProcessTransport()
-    else:
-        from infra.transport.rabbitmq import RabbitMQTransport
-
-        transport = RabbitMQTransport(services.amqp_url, connection_name="jpki-run")
-    await transport.connect()
-    await declare_topology(transport, SERVICE_QUEUES)
+    transport = await open_transport(services, "jpki-run")
     if on_transport is not None:
         await on_transport(transport)
     bus = Bus(transport)

@@ -33,12 +33,11 @@ from device_sim.fleet import CaCardFactory, Person, make_person
 from device_sim.lifecycle_app import LifecycleApp, LifecycleCore, LifecycleUser
 from device_sim.se.element import SecureElement
 from device_sim.se.jpki_applet import GeneratedKeys, JpkiApplet, JpkiAppletFactory, Profile
-from infra.bus import SERVICE_QUEUES, Bus, declare_topology
+from infra.bus import Bus
 from infra.db.outbox import outgoing
 from infra.transport.base import Transport
-from infra.transport.inprocess import InProcessTransport
 from infra.transport.phone_link import InProcessPhoneHub, PhoneLink
-from jpki.run import Services, local_secret, make_tsm_worker, tsm_key_ring
+from jpki.run import Services, local_secret, make_tsm_worker, open_transport, tsm_key_ring
 from orchestrator import callcentre
 from orchestrator import lifecycle_messages as lm
 from orchestrator import messages as om
@@ -250,15 +249,7 @@ async def lifecycle_world(
     services = services or Services()
     if use_template and services == Services():
         await _start_from_template(data_dir)
-    transport: Transport
-    if services.amqp_url is None:
-        transport = InProcessTransport()
-    else:
-        from infra.transport.rabbitmq import RabbitMQTransport
-
-        transport = RabbitMQTransport(services.amqp_url, connection_name="jpki-lifecycle")
-    await transport.connect()
-    await declare_topology(transport, SERVICE_QUEUES)
+    transport = await open_transport(services, "jpki-lifecycle")
     if on_transport is not None:
         await on_transport(transport)
     bus = Bus(transport)
