@@ -72,15 +72,18 @@ def _common(fn):  # type: ignore[no-untyped-def]
 
 @cli.command()
 @_common
+@click.option("--work-ms", default=0.0, show_default=True,
+              help="simulated work per command, milliseconds")
 def participant(amqp_url: str, db_url: str | None, schema: str | None, data_dir: str,
-                exchange: str, queue_prefix: str) -> None:
+                exchange: str, queue_prefix: str, work_ms: float) -> None:
     async def main() -> None:
         db = Database.for_service("demo_participant", url=db_url, data_dir=data_dir,
                                   schema=schema)
         await upgrade(db, "demo_participant")
         transport = _transport(amqp_url, exchange)
         await transport.connect()
-        part = DemoParticipant(db, transport, queue=f"{queue_prefix}demo-participant")
+        part = DemoParticipant(db, transport, queue=f"{queue_prefix}demo-participant",
+                               work_seconds=work_ms / 1000)
         await part.start()
         await _until_stopped()
         await part.stop()

@@ -11,6 +11,7 @@ An undo that finds nothing to undo leaves a ``cancel`` tombstone, so a late do o
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 
@@ -54,9 +55,13 @@ class DemoParticipant:
         *,
         queue: str = QUEUE,
         batch_size: int = 256,
+        work_seconds: float = 0.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.db = db
+        # simulated work per command, so that a crash test can catch sagas mid-run however
+        # fast the machine is
+        self.work_seconds = work_seconds
         self.transport = transport
         self.queue = queue
         self.clock = clock
@@ -103,6 +108,8 @@ class DemoParticipant:
                                           message_id=f"{command_id}/reply")))
         if effects:
             await conn.execute(demo_effects.insert(), effects)
+        if self.work_seconds:
+            await asyncio.sleep(self.work_seconds * len(messages))
         return replies
 
     @staticmethod

@@ -58,7 +58,7 @@ async def _wait(db: Database, done, within: float) -> dict[str, int]:
             return counts
         if time.monotonic() > deadline:
             raise AssertionError(f"no progress in time: {counts}")
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.05)
 
 
 def _kill(*procs: subprocess.Popen[bytes]) -> None:
@@ -97,6 +97,9 @@ async def test_sigkill_mid_run_every_saga_ends_and_no_effect_twice(
         orch_db = Database.for_service("orchestrator", data_dir=tmp_path)
         part_db = Database.for_service("demo_participant", data_dir=tmp_path)
         orch_args, part_args = common, common
+    # ~600 commands at 3 ms each: the run lasts seconds, so the kill below finds sagas
+    # mid-flight even on a machine that would otherwise finish all of them between two polls
+    part_args = [*part_args, "--work-ms", "3"]
     orch_args = [*orch_args, "--start", str(SAGAS), "--reject-every", str(REJECT_EVERY),
                  "--timeout", "5"]
     log = tmp_path / "processes.log"
