@@ -4,7 +4,8 @@ SQLite (``sqlite+aiosqlite:///<data_dir>/<service>.db``) runs in WAL mode with o
 connection: SQLite has a single writer anyway, so the process queues its transactions on
 that connection instead of fighting over the file lock, and every transaction starts with
 ``BEGIN IMMEDIATE`` so that it holds the write lock from its first statement (no upgrade
-deadlock between a reader that later writes and another writer).
+deadlock between a reader that later writes and another writer). The connection runs on
+the event loop's thread (``inline_sqlite``), not on aiosqlite's worker thread.
 
 PostgreSQL (``postgresql+asyncpg://...``) gets a pool and, when ``schema`` is given, that
 schema as its ``search_path``: each service owns its tables in its own schema, so the
@@ -13,6 +14,7 @@ schema as its ``search_path``: each service owns its tables in its own schema, s
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,6 +25,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from infra.db.inline_sqlite import InlineConnection
 from protocol.errors import JpkiError
 
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -66,11 +69,15 @@ class Database:
         if schema is not None and not _SCHEMA_NAME.match(schema):
             raise DatabaseConfigError(f"schema name {schema!r} is not a plain identifier")
         self.schema = schema if self.dialect == "postgresql" else None
+        self._inline = self.dialect == "sqlite" and parsed.database not in (None, "", ":memory:")
         # Statement parameters carry message bodies (a TSM reply holds temporary PINs):
         # never in an exception's text or a log line.
         kwargs: dict[str, Any] = {"hide_parameters": True}
         if self.dialect == "sqlite":
             kwargs.update(pool_size=1, max_overflow=0, pool_timeout=120)
+            if self._inline:
+                path = parsed.database
+                kwargs["async_creator"] = lambda: InlineConnection.open(path)
         else:
             kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
             if self.schema:
@@ -100,6 +107,10 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        if self._inline:
+            # the inline SQLite driver never suspends: without this, a loop of transactions
+            # would keep every other task of the process waiting until it ends
+            await asyncio.sleep(0)
         async with self.engine.begin() as conn:
             yield conn
 

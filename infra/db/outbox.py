@@ -254,7 +254,9 @@ class OutboxRelay:
         )
 
     async def relay_once(self) -> int:
-        """Claim, publish and mark one batch of pending rows; returns how many it claimed."""
+        """Claim, publish and mark one batch of pending rows; returns how many it published
+        (rows already in flight on the fast path are left to it, so a full batch of those
+        ends the loop instead of spinning on them)."""
         await self._mark_sent()
         now = self._clock()
         if self._db.is_postgres:
@@ -264,14 +266,14 @@ class OutboxRelay:
                 mine = [r for r in rows if r.message_id not in self._in_flight]
                 if mine:
                     await self._publish_and_mark(conn, mine)
-            return len(rows)
+            return len(mine)
         async with self._db.transaction() as conn:
             rows = (await conn.execute(self._pending(now))).all()
         mine = [r for r in rows if r.message_id not in self._in_flight]
         if mine:
             async with self._db.transaction() as conn:
                 await self._publish_and_mark(conn, mine)
-        return len(rows)
+        return len(mine)
 
     async def _publish_and_mark(self, conn: AsyncConnection, rows: Sequence[Any]) -> None:
         sent_ids: list[int] = []
