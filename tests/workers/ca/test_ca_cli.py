@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 
 import pytest
 from ca_support import PASSPHRASE, SE, issue_card, key_request, verify
@@ -122,6 +123,10 @@ def test_bench_prints_both_rates(env) -> None:
     assert result.exit_code == 0, result.output
     assert "raw RSA-2048 sign:" in result.output
     assert "CA two-cert issuance:" in result.output and "(6 issuances" in result.output
+    cpu = re.search(r"CPU per issuance: +([0-9.]+) ms .* ideal ([0-9.]+) ms", result.output)
+    assert cpu is not None and float(cpu[1]) > 0 and float(cpu[2]) > 0, result.output
+    assert re.search(r"load average \(1/5/15 min\): [0-9.]+ [0-9.]+ [0-9.]+ before", result.output)
+    assert "share per round:" in result.output
 
 
 @pytest.mark.postgres
