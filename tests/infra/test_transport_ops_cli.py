@@ -36,7 +36,7 @@ class NotYet(JpkiError):
 async def jpki(*args: str) -> str:
     result = await asyncio.to_thread(CliRunner().invoke, main, list(args))
     assert result.exit_code == 0, result.output
-    return result.output
+    return result.stdout  # the command's answer; warnings go to stderr
 
 
 async def test_operator_lists_and_replays_parked_messages(amqp_url: str, unique: str) -> None:
