@@ -4,10 +4,11 @@ Private to ``protocol.scp03``: these functions take raw keys and check nothing a
 they are used. The session API above them is the safe layer.
 
 Speed notes (measured with pyca/cryptography 50, one core): a fresh ``cmac.CMAC`` costs
-about 4 µs, a ``.copy()`` of a keyed template about 1 µs, and ``KBKDFCMAC`` about 11 µs per
-derivation — so keys are kept as ``AesKey`` objects holding a CMAC template and an ECB
-encryptor/decryptor, and the KDF is written directly over CMAC. A fresh CBC context costs
-about 8 µs, so short inputs are chained block by block over the cached ECB context instead.
+about 1 µs, a ``.copy()`` of a keyed template about 0.2 µs, and ``KBKDFCMAC`` about 11 µs per
+derivation — so keys are kept as ``AesKey`` objects holding a CMAC template, one CBC
+context per direction and an ECB encryptor, and the KDF is written directly over CMAC. A
+fresh cipher context costs about 4 µs, so every CBC message of a key goes through the same
+context (see ``AesKey``), which also spares the per-block Python loop short inputs had.
 """
 
 from __future__ import annotations
@@ -22,86 +23,92 @@ from protocol.errors import SecureChannelError
 BLOCK = 16
 AES_KEY_LENGTHS = (16, 24, 32)
 _KCV_INPUT = b"\x01" * BLOCK  # GPC v2.3 §11.8.2.3: AES KCV over 16 bytes '01'
-# CBC over more blocks than this goes through one OpenSSL CBC context (cheaper than the
-# per-block loop from here on, measured).
-_CBC_LOOP_MAX_BLOCKS = 4
 
 
 class AesKey:
     """An AES key with its reusable cipher contexts. Never printed.
 
-    The ECB contexts are made on first use: MAC-only keys (S-MAC, S-RMAC, Key-MAC) never
-    need them, and each costs about 5 µs to set up.
+    Contexts are made on first use (each costs about 4 µs to set up): MAC-only keys (S-MAC,
+    S-RMAC, Key-MAC) only ever build the CMAC template; S-ENC builds what its side uses.
+
+    CBC with any IV runs through one long-lived CBC context per direction. An encrypting
+    context chains from the last ciphertext block it produced, so XORing that block and the
+    wanted IV into the first plaintext block gives exactly CBC under the wanted IV; a
+    decrypting one XORs the last ciphertext block it was given into the first plaintext
+    block, which is corrected the same way. So one context serves every message instead of
+    one context (or a Python loop) per message. Those contexts are state: an ``AesKey``
+    belongs to one thread.
     """
 
-    __slots__ = ("_algorithm", "_cmac", "_encrypt_block", "_decrypt_blocks", "length")
+    __slots__ = ("_algorithm", "_cmac", "_encrypt_block", "_cbc_encrypt", "_cbc_encrypt_last",
+                 "_cbc_decrypt", "_cbc_decrypt_last", "length")
 
     def __init__(self, key: bytes) -> None:
         if len(key) not in AES_KEY_LENGTHS:
             raise SecureChannelError(f"AES key must be 16, 24 or 32 bytes, not {len(key)}")
         self.length = len(key)
         self._algorithm = algorithms.AES(bytes(key))
-        self._cmac = cmac.CMAC(self._algorithm)
+        self._cmac: cmac.CMAC | None = None
         self._encrypt_block: Callable[[bytes], bytes] | None = None
-        self._decrypt_blocks: Callable[[bytes], bytes] | None = None
+        # The CBC contexts and their chaining values (the zero IV to begin with), as integers.
+        self._cbc_encrypt: Callable[[bytes], bytes] | None = None
+        self._cbc_encrypt_last = 0
+        self._cbc_decrypt: Callable[[bytes], bytes] | None = None
+        self._cbc_decrypt_last = 0
 
     def __repr__(self) -> str:
         return f"AesKey(AES-{self.length * 8}, <redacted>)"
 
+    def _cipher(self, mode: modes.Mode, encrypt: bool) -> Callable[[bytes], bytes]:
+        cipher = Cipher(self._algorithm, mode)
+        return (cipher.encryptor() if encrypt else cipher.decryptor()).update
+
     def cmac(self, data: bytes) -> bytes:
         """AES-CMAC (NIST SP 800-38B), full 16 bytes."""
-        mac = self._cmac.copy()
+        template = self._cmac
+        if template is None:
+            template = self._cmac = cmac.CMAC(self._algorithm)
+        mac = template.copy()
         mac.update(data)
         return mac.finalize()
 
-    def _encryptor(self) -> Callable[[bytes], bytes]:
+    def ecb_encrypt(self, data: bytes) -> bytes:
+        """AES-ECB over whole blocks (used for ICVs and key check values)."""
         encrypt = self._encrypt_block
         if encrypt is None:
             # An ECB context keeps no state between update() calls: safe to reuse.
-            encrypt = Cipher(self._algorithm, modes.ECB()).encryptor().update  # noqa: S305
-            self._encrypt_block = encrypt
-        return encrypt
-
-    def ecb_encrypt(self, data: bytes) -> bytes:
-        """AES-ECB over whole blocks (used for ICVs and key check values)."""
-        return self._encryptor()(data)
-
-    def _ecb_decrypt(self, data: bytes) -> bytes:
-        decrypt = self._decrypt_blocks
-        if decrypt is None:
-            decrypt = Cipher(self._algorithm, modes.ECB()).decryptor().update  # noqa: S305
-            self._decrypt_blocks = decrypt
-        return decrypt(data)
+            encrypt = self._encrypt_block = self._cipher(modes.ECB(), True)  # noqa: S305
+        return encrypt(data)
 
     def cbc_encrypt(self, iv: bytes, data: bytes) -> bytes:
         """AES-CBC without padding; ``data`` must be whole blocks."""
         n = len(data)
-        if n % BLOCK:
+        if n == 0 or n % BLOCK:
             raise SecureChannelError("CBC input is not a whole number of blocks")
-        if n > _CBC_LOOP_MAX_BLOCKS * BLOCK:
-            encryptor = Cipher(self._algorithm, modes.CBC(iv)).encryptor()
-            return encryptor.update(data) + encryptor.finalize()
-        out = []
-        chain = int.from_bytes(iv, "big")
-        encrypt = self._encryptor()
-        for offset in range(0, n, BLOCK):
-            plain = int.from_bytes(data[offset : offset + BLOCK], "big")
-            block = encrypt((plain ^ chain).to_bytes(BLOCK, "big"))
-            out.append(block)
-            chain = int.from_bytes(block, "big")
-        return b"".join(out)
+        encrypt = self._cbc_encrypt
+        if encrypt is None:
+            encrypt = self._cbc_encrypt = self._cipher(modes.CBC(bytes(BLOCK)), True)
+        mask = int.from_bytes(iv, "big") ^ self._cbc_encrypt_last
+        if mask:
+            data = (int.from_bytes(data[:BLOCK], "big") ^ mask).to_bytes(BLOCK, "big") + data[BLOCK:]
+        out = encrypt(data)
+        self._cbc_encrypt_last = int.from_bytes(out[-BLOCK:], "big")
+        return out
 
     def cbc_decrypt(self, iv: bytes, data: bytes) -> bytes:
-        """AES-CBC decryption without unpadding: one ECB pass, then one XOR (CBC decryption
-        has no chaining dependency)."""
+        """AES-CBC decryption without unpadding."""
         n = len(data)
         if n == 0 or n % BLOCK:
             raise SecureChannelError("CBC ciphertext is not a whole number of blocks")
-        decrypted = self._ecb_decrypt(data)
-        previous = iv + data[:-BLOCK]
-        return (int.from_bytes(decrypted, "big") ^ int.from_bytes(previous, "big")).to_bytes(
-            n, "big"
-        )
+        decrypt = self._cbc_decrypt
+        if decrypt is None:
+            decrypt = self._cbc_decrypt = self._cipher(modes.CBC(bytes(BLOCK)), False)
+        out = decrypt(data)
+        mask = int.from_bytes(iv, "big") ^ self._cbc_decrypt_last
+        self._cbc_decrypt_last = int.from_bytes(data[-BLOCK:], "big")
+        if mask:
+            out = (int.from_bytes(out[:BLOCK], "big") ^ mask).to_bytes(BLOCK, "big") + out[BLOCK:]
+        return out
 
 
 def kdf(key: AesKey, constant: int, context: bytes, bits: int) -> bytes:

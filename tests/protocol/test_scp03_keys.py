@@ -39,6 +39,19 @@ def test_cbc_matches_openssl_on_both_paths(blocks, key_size):
     assert aes.cbc_decrypt(iv, data) == _cbc(key, iv, data, False)
 
 
+def test_cbc_with_many_ivs_through_one_key_matches_openssl():
+    # One AesKey keeps one CBC context per direction across messages: every message, in
+    # any order and with any IV (zero included), must still be plain CBC under its own IV.
+    key = os.urandom(16)
+    aes = AesKey(key)
+    for blocks in (1, 3, 1, 64, 2, 1, 5):
+        for iv in (os.urandom(16), bytes(16)):
+            data = os.urandom(16 * blocks)
+            assert aes.cbc_encrypt(iv, data) == _cbc(key, iv, data, True)
+            assert aes.cbc_decrypt(iv, data) == _cbc(key, iv, data, False)
+            assert aes.ecb_encrypt(data[:16]) == _cbc(key, bytes(16), data[:16], True)
+
+
 def test_cbc_refuses_partial_blocks():
     with pytest.raises(SecureChannelError):
         AesKey(DEK).cbc_encrypt(bytes(16), b"\x00" * 15)
