@@ -85,6 +85,11 @@ class Database:
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if self.dialect == "sqlite":
             _configure_sqlite(self.engine)
+        # The inline SQLite store keeps its one connection checked out between transactions:
+        # a pool checkout and return cost more CPU than a short transaction itself. The lock
+        # queues the process's transactions on it, as the one-connection pool did.
+        self._held: AsyncConnection | None = None
+        self._held_lock = asyncio.Lock()
 
     @classmethod
     def for_service(
@@ -107,12 +112,24 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
-        if self._inline:
-            # the inline SQLite driver never suspends: without this, a loop of transactions
-            # would keep every other task of the process waiting until it ends
-            await asyncio.sleep(0)
-        async with self.engine.begin() as conn:
-            yield conn
+        if not self._inline:
+            async with self.engine.begin() as conn:
+                yield conn
+            return
+        # the inline SQLite driver never suspends: without this, a loop of transactions
+        # would keep every other task of the process waiting until it ends
+        await asyncio.sleep(0)
+        async with self._held_lock:
+            conn = self._held
+            if conn is None or conn.closed or conn.invalidated:
+                conn = self._held = await self.engine.connect()
+            try:
+                async with conn.begin():
+                    yield conn
+            except BaseException:
+                if conn.closed or conn.invalidated:
+                    self._held = None
+                raise
 
     async def ensure_schema(self) -> None:
         """Create the PostgreSQL schema if it is missing (no-op on SQLite)."""
@@ -137,6 +154,10 @@ class Database:
             await plain.dispose()
 
     async def close(self) -> None:
+        async with self._held_lock:
+            held, self._held = self._held, None
+            if held is not None:
+                await held.close()
         await self.engine.dispose()
 
     def __repr__(self) -> str:
