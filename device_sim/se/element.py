@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from device_sim.se.card_manager import (
     ISD_AID,
     ISD_PRIVILEGES,
@@ -40,16 +42,14 @@ class SecureElementStateError(JpkiError):
     """A saved secure-element state that cannot be restored (wrong format, damaged)."""
 
 
-@dataclass(frozen=True, slots=True)
-class ScriptCommand:
+class ScriptCommand(msgspec.Struct, frozen=True):
     """One step of an SP-TSM script: the APDU and the status words that let it continue."""
 
     apdu: bytes
     expect: tuple[int, ...] = (StatusWord.OK,)
 
 
-@dataclass(frozen=True, slots=True)
-class ScriptOutcome:
+class ScriptOutcome(msgspec.Struct, frozen=True):
     """The responses of the steps that ran; ``completed`` is False when one was unexpected."""
 
     responses: tuple[bytes, ...]

@@ -25,6 +25,8 @@ import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
+
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -99,15 +101,15 @@ class UnexpectedAnswer(JpkiError):
 # ------------------------------------------------------------------------------- plans
 
 
-@dataclass(frozen=True, slots=True)
-class Step:
+# The values built for every operation (steps, plan, wire steps, PINs) are frozen
+# ``msgspec.Struct``s: a tenth of a frozen dataclass's construction time, same semantics.
+class Step(msgspec.Struct, frozen=True):
     name: str
     command: CommandAPDU
     expect: tuple[int, ...] = (OK,)
 
 
-@dataclass(frozen=True, slots=True)
-class OperationPlan:
+class OperationPlan(msgspec.Struct, frozen=True):
     operation: str
     target_aid: bytes
     steps: tuple[Step, ...]
@@ -183,11 +185,13 @@ def plan_generate_keys(
     return OperationPlan("generate_keys", JPKI_INSTANCE_AID, tuple(steps))
 
 
-@dataclass(frozen=True, slots=True)
-class TemporaryPinValue:
+class TemporaryPinValue(msgspec.Struct, frozen=True):
     kind: CertificateKind
-    pin: str = field(repr=False)
-    puk: str | None = field(default=None, repr=False)
+    pin: str
+    puk: str | None = None
+
+    def __repr__(self) -> str:
+        return f"TemporaryPinValue(kind={self.kind!r}, <redacted>)"
 
 
 def plan_store_certificates(
@@ -285,8 +289,7 @@ class SeAccess:
     sd_aid: bytes = SP_SD_AID
 
 
-@dataclass(frozen=True, slots=True)
-class WireStep:
+class WireStep(msgspec.Struct, frozen=True):
     apdu: bytes
     expect: tuple[int, ...]
 
