@@ -79,7 +79,11 @@ class Database:
                 path = parsed.database
                 kwargs["async_creator"] = lambda: InlineConnection.open(path)
         else:
-            kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+            # No pre-ping: it costs a round trip (BEGIN/SELECT 1/ROLLBACK) on every checkout.
+            # After a database restart the first statement on a stale connection fails as a
+            # disconnect, SQLAlchemy then recycles the whole pool, and the failed unit of work
+            # is retried like any other (a delivery is redelivered, a relay polls again).
+            kwargs.update(pool_size=pool_size, max_overflow=pool_size)
             if self.schema:
                 kwargs["connect_args"] = {"server_settings": {"search_path": self.schema}}
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
