@@ -1,0 +1,110 @@
+"""The service store: SQLite inline on the event loop, PostgreSQL through a pool."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import pytest
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from infra.db import Database
+
+
+@pytest.fixture
+async def sqlite_db(tmp_path):
+    db = Database.for_service("store_test", data_dir=tmp_path)
+    async with db.transaction() as conn:
+        await conn.exec_driver_sql("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+    yield db
+    await db.close()
+
+
+async def _rows(db: Database) -> list[tuple[int, str]]:
+    async with db.transaction() as conn:
+        return [tuple(r) for r in (await conn.exec_driver_sql("SELECT id, v FROM t ORDER BY id"))]
+
+
+async def test_sqlite_commits_and_rolls_back_whole_transactions(sqlite_db: Database) -> None:
+    async with sqlite_db.transaction() as conn:
+        await conn.exec_driver_sql("INSERT INTO t VALUES (1, 'kept')")
+    with pytest.raises(RuntimeError):
+        async with sqlite_db.transaction() as conn:
+            await conn.exec_driver_sql("INSERT INTO t VALUES (2, 'undone')")
+            raise RuntimeError("the unit of work failed")
+    with pytest.raises(IntegrityError):
+        async with sqlite_db.transaction() as conn:
+            await conn.exec_driver_sql("INSERT INTO t VALUES (3, 'undone too')")
+            await conn.exec_driver_sql("INSERT INTO t VALUES (1, 'duplicate key')")
+    assert await _rows(sqlite_db) == [(1, "kept")]
+
+
+async def test_sqlite_transactions_of_concurrent_tasks_do_not_interleave(
+    sqlite_db: Database,
+) -> None:
+    async def read_modify_write(i: int) -> None:
+        async with sqlite_db.transaction() as conn:
+            count = (await conn.exec_driver_sql("SELECT COUNT(*) FROM t")).scalar_one()
+            await asyncio.sleep(0)  # another task runs here; it must not enter this transaction
+            await conn.exec_driver_sql("INSERT INTO t VALUES (?, ?)", (count + 1, f"task {i}"))
+
+    await asyncio.gather(*(read_modify_write(i) for i in range(50)))
+    assert [row[0] for row in await _rows(sqlite_db)] == list(range(1, 51))
+
+
+async def test_a_loop_of_sqlite_transactions_lets_other_tasks_run(sqlite_db: Database) -> None:
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    for i in range(100):
+        async with sqlite_db.transaction() as conn:
+            await conn.exec_driver_sql("INSERT INTO t VALUES (?, 'x')", (i,))
+    task.cancel()
+    assert ticks >= 50  # the ticker ran between the transactions (without the yield: 0)
+
+
+async def test_sqlite_data_is_in_the_file_for_other_processes(sqlite_db: Database, tmp_path) -> None:
+    async with sqlite_db.transaction() as conn:
+        await conn.exec_driver_sql("INSERT INTO t VALUES (7, 'visible')")
+    other = sqlite3.connect(tmp_path / "store_test.db")
+    try:
+        assert other.execute("SELECT v FROM t WHERE id = 7").fetchall() == [("visible",)]
+        assert other.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    finally:
+        other.close()
+
+
+@pytest.mark.postgres
+async def test_postgres_store_recovers_after_its_connections_are_killed(
+    pg_url: str, unique: str
+) -> None:
+    db = Database(pg_url, schema=f"store_{unique}")
+    admin = Database(pg_url)
+    try:
+        await db.ensure_schema()
+        async with db.transaction() as conn:  # the pool's one connection so far
+            await conn.exec_driver_sql("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+            backend = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar_one()
+        async with admin.transaction() as conn:
+            killed = (await conn.exec_driver_sql(
+                f"SELECT pg_terminate_backend({int(backend)})")).scalar_one()
+        assert killed is True
+        # the first unit of work on the dead connection fails as a disconnect ...
+        with pytest.raises(DBAPIError) as failure:
+            async with db.transaction() as conn:
+                await conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+        assert failure.value.connection_invalidated
+        # ... and the next one, retried as any failed delivery is, runs on a new connection
+        async with db.transaction() as conn:
+            await conn.exec_driver_sql("INSERT INTO t VALUES (1)")
+            assert (await conn.exec_driver_sql("SELECT COUNT(*) FROM t")).scalar_one() == 1
+    finally:
+        await db.drop_schema()
+        await db.close()
+        await admin.close()
