@@ -90,7 +90,8 @@ class AesKey:
             encrypt = self._cbc_encrypt = self._cipher(modes.CBC(bytes(BLOCK)), True)
         mask = int.from_bytes(iv, "big") ^ self._cbc_encrypt_last
         if mask:
-            data = (int.from_bytes(data[:BLOCK], "big") ^ mask).to_bytes(BLOCK, "big") + data[BLOCK:]
+            first = (int.from_bytes(data[:BLOCK], "big") ^ mask).to_bytes(BLOCK, "big")
+            data = first + data[BLOCK:]
         out = encrypt(data)
         self._cbc_encrypt_last = int.from_bytes(out[-BLOCK:], "big")
         return out
@@ -107,7 +108,8 @@ class AesKey:
         mask = int.from_bytes(iv, "big") ^ self._cbc_decrypt_last
         self._cbc_decrypt_last = int.from_bytes(data[-BLOCK:], "big")
         if mask:
-            out = (int.from_bytes(out[:BLOCK], "big") ^ mask).to_bytes(BLOCK, "big") + out[BLOCK:]
+            first = (int.from_bytes(out[:BLOCK], "big") ^ mask).to_bytes(BLOCK, "big")
+            out = first + out[BLOCK:]
         return out
 
 
