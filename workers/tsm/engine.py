@@ -275,62 +275,76 @@ class TsmEngine:
         return await self._run(command, replay)
 
     async def _run(self, command: m.TsmCommand, replay: _Replay | None) -> Step:
-        reply_type = _REPLY_TYPES[type(command)]
-        operation = _OPERATION_NAMES[type(command)]
         lock = self._locks.get(command.se.cin)
         if lock is None:
             lock = self._locks[command.se.cin] = asyncio.Lock()
-        context = replay.context if replay is not None else OperationContext()
         async with lock:  # one SE, one session at a time: they share its counter
-            if replay is not None and replay.snapshot is not None:
-                record: SeRecord | None = msgspec.json.decode(replay.snapshot, type=SeRecord)
-            else:
-                done, record = await self.registry.begin(
-                    command.command_id, command.se.cin, operation
-                )
-                if done is not None and done.status == "done" and done.reply is not None:
-                    log.info("tsm.operation_replayed", command_id=command.command_id)
-                    return Finished(msgspec.json.decode(done.reply, type=reply_type), context)
-            round_trips = [0]
-            token = _replay.set(replay)
-            try:
-                if record is None:
-                    record = await self._enrol(command)
-                if replay is not None and replay.snapshot is None:
-                    replay.snapshot = _record_encoder.encode(record)
-                if record.kdd != command.se.kdd:
-                    record = None  # another SE's record: leave it alone
-                    raise OperationFailed(m.ErrorCode.UNKNOWN_SE, "KDD does not match")
-                reply = await self._dispatch(command, record, round_trips)
-            except OperationFailed as exc:
-                reply = reply_type(
-                    command_id=command.command_id, failure=exc.failure, round_trips=round_trips[0]
-                )
-            except _Suspend as suspend:
-                assert replay is not None and record is not None  # only a replay suspends
-                state = _OperationState(
-                    command=_reply_encoder.encode(command),
-                    context=replay.context,
-                    snapshot=replay.snapshot or b"",
-                    tape=bytes(replay.tape),
-                    results=replay.results,
-                )
-                await self.registry.suspend(
-                    record, command.command_id, suspend.script.script_id, self._seal_state(state)
-                )
-                return Waiting(suspend.device_id, suspend.script, context)
-            finally:
-                _replay.reset(token)
-            if reply.failure is not None and reply.failure.transient:
-                # Not recorded as done: the same command id runs again when re-sent.
-                await self.registry.complete(record, command.command_id, None)
-                log.warning("tsm.operation_transient_failure", operation=operation,
-                            code=reply.failure.code.value)
-                return Finished(reply, context)
-            await self.registry.complete(
-                record, command.command_id, _reply_encoder.encode(reply),
-                self._seal_state(_OperationState(context=context)) if replay else None,
+            if replay is None:
+                # Over a live link: every write commits on its own, before the script leaves.
+                return await self._run_locked(command, None, self.registry)
+            # On the bus nothing waits for the phone in here (the operation suspends before
+            # a script leaves), so the operation's registry calls make one transaction: a
+            # new command's record, its SE's, and its state with the script it waits for
+            # commit together, or not at all (a crash before the commit leaves nothing, and
+            # the redelivered command starts afresh, as after a crash between the calls).
+            async with self.registry.unit() as registry:
+                return await self._run_locked(command, replay, registry)
+
+    async def _run_locked(
+        self, command: m.TsmCommand, replay: _Replay | None, registry: Registry
+    ) -> Step:
+        reply_type = _REPLY_TYPES[type(command)]
+        operation = _OPERATION_NAMES[type(command)]
+        context = replay.context if replay is not None else OperationContext()
+        if replay is not None and replay.snapshot is not None:
+            record: SeRecord | None = msgspec.json.decode(replay.snapshot, type=SeRecord)
+        else:
+            done, record = await registry.begin(
+                command.command_id, command.se.cin, operation
             )
+            if done is not None and done.status == "done" and done.reply is not None:
+                log.info("tsm.operation_replayed", command_id=command.command_id)
+                return Finished(msgspec.json.decode(done.reply, type=reply_type), context)
+        round_trips = [0]
+        token = _replay.set(replay)
+        try:
+            if record is None:
+                record = await self._enrol(command, registry)
+            if replay is not None and replay.snapshot is None:
+                replay.snapshot = _record_encoder.encode(record)
+            if record.kdd != command.se.kdd:
+                record = None  # another SE's record: leave it alone
+                raise OperationFailed(m.ErrorCode.UNKNOWN_SE, "KDD does not match")
+            reply = await self._dispatch(command, record, round_trips)
+        except OperationFailed as exc:
+            reply = reply_type(
+                command_id=command.command_id, failure=exc.failure, round_trips=round_trips[0]
+            )
+        except _Suspend as suspend:
+            assert replay is not None and record is not None  # only a replay suspends
+            state = _OperationState(
+                command=_reply_encoder.encode(command),
+                context=replay.context,
+                snapshot=replay.snapshot or b"",
+                tape=bytes(replay.tape),
+                results=replay.results,
+            )
+            await registry.suspend(
+                record, command.command_id, suspend.script.script_id, self._seal_state(state)
+            )
+            return Waiting(suspend.device_id, suspend.script, context)
+        finally:
+            _replay.reset(token)
+        if reply.failure is not None and reply.failure.transient:
+            # Not recorded as done: the same command id runs again when re-sent.
+            await registry.complete(record, command.command_id, None)
+            log.warning("tsm.operation_transient_failure", operation=operation,
+                        code=reply.failure.code.value)
+            return Finished(reply, context)
+        await registry.complete(
+            record, command.command_id, _reply_encoder.encode(reply),
+            self._seal_state(_OperationState(context=context)) if replay else None,
+        )
         log.info(
             "tsm.operation_done",
             operation=operation,
@@ -399,7 +413,7 @@ class TsmEngine:
         except PhoneUnreachable:
             raise OperationFailed(m.ErrorCode.PHONE_UNREACHABLE, "no answer") from None
 
-    async def _enrol(self, command: m.TsmCommand) -> SeRecord:
+    async def _enrol(self, command: m.TsmCommand, registry: Registry) -> SeRecord:
         """First contact with an SE: record it under the current master key version.
 
         Only an SE made with keys diversified from our master keys can answer the card
@@ -415,9 +429,9 @@ class TsmEngine:
             key_version=self.keys.current,
             sequence_counter=0,
         )
-        await self.registry.add(record)
+        await registry.add(record)
         log.info("tsm.se_enrolled", cin=record.cin, kvn=record.key_version)
-        return await self.registry.get(command.se.cin)
+        return await registry.get(command.se.cin)
 
     # ------------------------------------------------------------------ sessions
 

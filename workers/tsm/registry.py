@@ -12,6 +12,8 @@ and is run again (every script is safe to re-run).
 
 Two implementations of one interface: ``SqlRegistry`` (the service, SQLite or PostgreSQL
 through ``infra.db``) and ``MemoryRegistry`` (benchmarks and the in-process phone link).
+``unit()`` runs several calls in one transaction (the engine's start of an operation: its
+record, the SE's record, and the operation's state once its first script is computed).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import dataclasses
 import enum
 import operator
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -91,6 +94,11 @@ class OperationRecord:
 
 
 class Registry(Protocol):
+    def unit(self) -> AbstractAsyncContextManager[Registry]:
+        """A view of the registry whose calls all run in one transaction, committed when
+        the block ends without an exception (rolled back otherwise)."""
+        ...
+
     async def add(self, record: SeRecord) -> None: ...
 
     async def get(self, cin: str) -> SeRecord: ...
@@ -145,6 +153,12 @@ class MemoryRegistry:
         self._elements: dict[str, tuple] = {}
         self._operations: dict[str, OperationRecord] = {}
         self._by_script: dict[str, str] = {}  # script id -> command id
+
+    @asynccontextmanager
+    async def unit(self) -> AsyncIterator[MemoryRegistry]:
+        # Nothing to commit: each call takes effect at once, and a failed unit's effects
+        # (an operation marked running) are the ones a crash between calls would leave.
+        yield self
 
     async def add(self, record: SeRecord) -> None:
         self._elements.setdefault(record.cin, _as_row(record))
@@ -319,8 +333,25 @@ async def _one(conn: AsyncConnection, sql: str, params: tuple[Any, ...]) -> Any 
 class SqlRegistry:
     """The registry in the TSM's own tables (migrations in ``workers/tsm/migrations``)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, connection: AsyncConnection | None = None) -> None:
         self.db = db
+        self._connection = connection  # set inside ``unit()``: every call joins its transaction
+
+    @asynccontextmanager
+    async def unit(self) -> AsyncIterator[SqlRegistry]:
+        if self._connection is not None:
+            yield self
+            return
+        async with self.db.transaction() as conn:
+            yield SqlRegistry(self.db, conn)
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
+        if self._connection is not None:
+            yield self._connection
+            return
+        async with self.db.transaction() as conn:
+            yield conn
 
     def _insert(self, conn_dialect: str):  # noqa: ANN202 - dialect-specific insert construct
         return (postgresql if conn_dialect == "postgresql" else sqlite).insert
@@ -328,7 +359,7 @@ class SqlRegistry:
     async def add(self, record: SeRecord) -> None:
         values = {name: getattr(record, name) for name in _FIELDS}
         values["updated_at"] = time.time()
-        async with self.db.transaction() as conn:
+        async with self._transaction() as conn:
             insert = self._insert(conn.dialect.name)
             await conn.execute(
                 insert(secure_elements).values(**values).on_conflict_do_nothing(
@@ -337,35 +368,35 @@ class SqlRegistry:
             )
 
     async def get(self, cin: str) -> SeRecord:
-        async with self.db.transaction() as conn:
+        async with self._transaction() as conn:
             row = await _one(conn, _SELECT_SE, (cin,))
         if row is None:
             raise UnknownSecureElement("secure element not in the registry")
         return _row_to_record(row)
 
     async def save(self, record: SeRecord) -> None:
-        async with self.db.transaction() as conn:
+        async with self._transaction() as conn:
             await _execute(conn, _UPDATE_SE, _record_update(record))
 
     async def operation(self, command_id: str) -> OperationRecord | None:
-        async with self.db.transaction() as conn:
+        async with self._transaction() as conn:
             row = await _one(conn, _SELECT_OPERATION, (command_id,))
         return _row_to_operation(row) if row is not None else None
 
     async def start_operation(self, command_id: str, cin: str, operation: str) -> None:
         now = time.time()
-        async with self.db.transaction() as conn:
+        async with self._transaction() as conn:
             await _execute(conn, _INSERT_OPERATION, (command_id, cin, operation, now, now))
 
     async def finish_operation(self, command_id: str, reply: bytes) -> None:
-        async with self.db.transaction() as conn:
+        async with self._transaction() as conn:
             await _execute(conn, _FINISH_OPERATION, (reply, None, time.time(), command_id))
 
     async def begin(
         self, command_id: str, cin: str, operation: str
     ) -> tuple[OperationRecord | None, SeRecord | None]:
         now = time.time()
-        async with self.db.transaction() as conn:
+        async with self._transaction() as conn:
             row = await _one(conn, _SELECT_OPERATION, (command_id,))
             before = _row_to_operation(row) if row is not None else None
             if before is None:
@@ -377,7 +408,7 @@ class SqlRegistry:
         self, record: SeRecord | None, command_id: str, reply: bytes | None,
         state: bytes | None = None,
     ) -> None:
-        async with self.db.transaction() as conn:
+        async with self._transaction() as conn:
             if record is not None:
                 await _execute(conn, _UPDATE_SE, _record_update(record))
             if reply is not None:
@@ -388,17 +419,17 @@ class SqlRegistry:
     async def suspend(
         self, record: SeRecord, command_id: str, script_id: str, state: bytes
     ) -> None:
-        async with self.db.transaction() as conn:
+        async with self._transaction() as conn:
             await _execute(conn, _UPDATE_SE, _record_update(record))
             await _execute(conn, _SUSPEND_OPERATION, (script_id, state, time.time(), command_id))
 
     async def waiting_for(self, script_id: str) -> OperationRecord | None:
-        async with self.db.transaction() as conn:
+        async with self._transaction() as conn:
             row = await _one(conn, _SELECT_WAITING, (script_id,))
         return _row_to_operation(row) if row is not None else None
 
     async def overdue(self, before: float, limit: int = 100) -> list[str]:
-        async with self.db.transaction() as conn:
+        async with self._transaction() as conn:
             rows = await conn.execute(
                 select(tsm_operations.c.script_id)
                 .where(

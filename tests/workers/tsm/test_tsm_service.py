@@ -173,3 +173,60 @@ async def test_a_result_nobody_waits_for_is_dropped(tmp_path) -> None:
             await asyncio.wait_for(world.replies.get(), 0.3)
     finally:
         await world.stop()
+
+
+async def test_a_command_starts_in_one_transaction_and_a_failed_start_leaves_nothing(
+    tmp_path, monkeypatch
+) -> None:
+    from infra.db.migrate import upgrade
+    from workers.tsm.engine import OperationContext, TsmEngine, Waiting
+
+    world = World(tmp_path, 1)
+    await upgrade(world.db, "tsm")
+    engine = TsmEngine(world.ring, SqlRegistry(world.db), link=None)
+    opened: list[int] = []
+    transaction = world.db.transaction
+
+    def counting():  # noqa: ANN202 - the database's own context manager
+        opened.append(1)
+        return transaction()
+
+    monkeypatch.setattr(world.db, "transaction", counting)
+    identity = world.identity("phone-0")
+    try:
+        # A failure while the first script is computed: neither the SE (met for the first
+        # time) nor the operation is recorded, so the redelivered command starts afresh.
+        def broken(state: object) -> bytes:
+            raise RuntimeError("disk full")
+
+        monkeypatch.setattr(engine, "_seal_state", broken)
+        with pytest.raises(RuntimeError):
+            await engine.start(m.InspectSe(command_id="c", device_id="phone-0", se=identity),
+                               OperationContext())
+        monkeypatch.undo()
+        monkeypatch.setattr(world.db, "transaction", counting)
+        registry = SqlRegistry(world.db)
+        assert await registry.operation("c") is None
+        with pytest.raises(Exception, match="not in the registry"):
+            await registry.get(identity.cin)
+
+        # First contact: enrol, begin and suspend commit as one transaction.
+        opened.clear()
+        step = await engine.start(
+            m.InspectSe(command_id="c", device_id="phone-0", se=identity), OperationContext()
+        )
+        assert isinstance(step, Waiting)
+        assert len(opened) == 1
+        stored = await registry.operation("c")
+        assert stored is not None and stored.script_id == step.script.script_id
+        outcome = world.elements["phone-0"].run_script(
+            ScriptCommand(s.apdu, tuple(s.expect)) for s in step.script.steps
+        )
+        result = m.SeScriptResult(script_id=step.script.script_id,
+                                  responses=list(outcome.responses), completed=True)
+        opened.clear()
+        finished = await engine.resume(result, result.script_id)
+        assert finished is not None and finished.reply.ok
+        assert len(opened) == 2  # the look-up by script id, then the outcome
+    finally:
+        await world.db.close()
