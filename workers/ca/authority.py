@@ -24,27 +24,30 @@ HTTP shell ``workers/ca/http.py``. The clock and randomness are injected for tes
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import structlog
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509 import ocsp
-from sqlalchemy import and_, bindparam, insert, or_, select, update
+from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from infra.db.database import Database
+from infra.db.fast import execute_many, fetch
 from workers.ca import tables as t
 from workers.ca.application import (
     Application,
@@ -77,15 +80,19 @@ from workers.ca.profiles import (
     CaKind,
     CaNames,
     CertType,
+    EndEntityTemplate,
     Holder,
     Issuer,
     Sex,
     auth_subject,
+    auth_subject_rdns,
     authority_key_identifier,
     build_ca_certificate,
     build_end_entity,
+    end_entity_template,
     require_rsa_2048,
     sign_subject,
+    sign_subject_rdns,
 )
 from workers.ca.revocation import (
     HOLD_CAUSES,
@@ -104,22 +111,25 @@ from workers.ca.state_check import ExistingCertificate, StateCheck, decide_branc
 log = structlog.get_logger("ca")
 
 # Issuance reads the application, its card certificate and any certificate the saga already
-# has in one statement; every join is an equality on an indexed column.
-_CARD = t.certificates.alias("card")
-_OWN = t.certificates.alias("own")
+# has in one statement; every join is an equality on an indexed column. It runs for every
+# issuance, twice (plan and store), so it is driver SQL (``infra.db.fast``).
 _ISSUE_READ = (
-    select(
-        t.applications,
-        *(column.label(f"cardcert_{column.name}") for column in _CARD.columns),
-        *(column.label(f"own_{column.name}") for column in _OWN.columns),
-    )
-    .select_from(
-        t.applications.outerjoin(_CARD, _CARD.c.serial == t.applications.c.card_serial).outerjoin(
-            _OWN, _OWN.c.saga_id == t.applications.c.saga_id
-        )
-    )
-    .where(t.applications.c.saga_id == bindparam("saga_id"))
+    "SELECT a.person_id, a.se_cin, a.se_kdd, a.card_serial, a.cert_types, a.pin_option,"
+    " card.status, card.not_after, card.der,"
+    " own.cert_type, own.serial, own.ca_kind, own.ca_generation, own.der"
+    " FROM ca_applications a"
+    " LEFT JOIN ca_certificates card ON card.serial = a.card_serial"
+    " LEFT JOIN ca_certificates own ON own.saga_id = a.saga_id"
+    " WHERE a.saga_id = ?"
 )
+_CERTIFICATE_COLUMNS = tuple(column.name for column in t.certificates.columns)
+_INSERT_CERTIFICATE = (
+    f"INSERT INTO ca_certificates ({', '.join(_CERTIFICATE_COLUMNS)})"  # noqa: S608 - fixed names
+    f" VALUES ({', '.join('?' * len(_CERTIFICATE_COLUMNS))})"
+)
+# Parsed templates and verified card certificates kept per process (bounded, least recently
+# used first out): a card's certificates are used for one saga after another.
+_CACHE_SIZE = 4096
 
 Clock = Callable[[], datetime]
 RandomBytes = Callable[[int], bytes]
@@ -293,11 +303,16 @@ class CertificateAuthority:
         self._new_key = new_key
         self._issuers: dict[tuple[CaKind, int], Issuer] = {}
         self._active: dict[CaKind, int] = {}
-        # One signing thread a CPU: RSA signing releases the GIL only in part, and more
+        # One signing thread a CPU: pyca's RSA signature runs without the GIL, and more
         # threads than CPUs measurably slow it down.
+        self._signing_threads = os.cpu_count() or 1
         self._signer = ThreadPoolExecutor(
-            max_workers=os.cpu_count() or 1, thread_name_prefix="ca-sign"
+            max_workers=self._signing_threads, thread_name_prefix="ca-sign"
         )
+        self._templates: OrderedDict[tuple[CaKind, int, str], EndEntityTemplate] = OrderedDict()
+        # fingerprint (SHA-256 of the DER) of a card certificate -> the key id of the signing
+        # CA generation whose signature on it verified
+        self._trusted_cards: OrderedDict[bytes, bytes] = OrderedDict()
 
     def __repr__(self) -> str:
         return f"CertificateAuthority({self._db!r}, generations={sorted(self._issuers)})"
@@ -334,10 +349,17 @@ class CertificateAuthority:
             random_bytes=random_bytes,
             new_key=new_key,
         )
-        await ca.load_generations()
-        for kind in CaKind:
-            if kind not in ca._active:
-                await ca.rollover(kind)
+        try:
+            await ca.load_generations()
+            for kind in CaKind:
+                if kind not in ca._active:
+                    await ca.rollover(kind)
+        except BaseException:
+            # a CA that cannot open (wrong passphrase) leaves no pool or thread behind
+            ca._signer.shutdown(wait=False)
+            if db is None:
+                await database.close()
+            raise
         return ca
 
     async def close(self) -> None:
@@ -607,15 +629,7 @@ class CertificateAuthority:
             card_cert = x509.load_der_x509_certificate(card_certificate)
         except ValueError:
             raise MalformedApplication("the card certificate is not DER X.509") from None
-        issuer = self._issuer_by_key_id(authority_key_identifier(card_cert))
-        if issuer is None or issuer.kind is not CaKind.SIGN:
-            raise UntrustedCardCertificate("the card certificate is not from our signing CA")
-        try:
-            card_cert.verify_directly_issued_by(issuer.certificate)
-        except (ValueError, TypeError, x509.InvalidSignature):
-            raise UntrustedCardCertificate(
-                "the card certificate's signature does not verify"
-            ) from None
+        self._check_card_chain(card_cert, card_certificate)
         verify_card_signature(card_cert.public_key(), signature, to_be_signed)
         application = parse_application(to_be_signed)
         digest = application_digest(to_be_signed)
@@ -680,6 +694,27 @@ class CertificateAuthority:
         )
         return _verified_from(application, saga_id, record.person_id, serial)
 
+    def _check_card_chain(self, card_cert: x509.Certificate, der: bytes) -> None:
+        """The card certificate is signed by one of our signing-CA generations. A verified
+        chain is remembered by the certificate's fingerprint and the issuing key id, so a
+        card's later applications skip the CA signature check; the card's own signature over
+        each application is checked every time."""
+        key_id = authority_key_identifier(card_cert)
+        fingerprint = hashlib.sha256(der).digest()
+        if key_id is not None and self._trusted_cards.get(fingerprint) == key_id:
+            self._trusted_cards.move_to_end(fingerprint)
+            return
+        issuer = self._issuer_by_key_id(key_id)
+        if issuer is None or issuer.kind is not CaKind.SIGN:
+            raise UntrustedCardCertificate("the card certificate is not from our signing CA")
+        try:
+            card_cert.verify_directly_issued_by(issuer.certificate)
+        except (ValueError, TypeError, InvalidSignature):
+            raise UntrustedCardCertificate(
+                "the card certificate's signature does not verify"
+            ) from None
+        _remember(self._trusted_cards, fingerprint, issuer.key_id)
+
     async def _verified(self, conn: AsyncConnection, saga_id: str) -> VerifiedApplication | None:
         row = (
             await conn.execute(select(t.applications).where(t.applications.c.saga_id == saga_id))
@@ -743,155 +778,209 @@ class CertificateAuthority:
     ) -> list[IssuedCertificate]:
         """FLOWS §1 step 9: one or two phone certificates, idempotent by (saga, type).
 
-        One transaction of four statements (BEGIN, one joined read, one insert, COMMIT);
-        the signing runs off the event loop. The certificates leave the CA only after the
-        commit, so a crash before it leaves nothing issued to account for. Two concurrent
-        deliveries of one request race on the (saga, type) unique key; the loser re-reads
-        and answers what the winner stored (with a caller's ``conn`` the caller's
-        transaction fails instead and its message is retried, which then finds the stored
-        certificates).
+        Without ``conn``: a short transaction reads and checks (``plan_issue``), the
+        certificates are signed with no transaction open (``sign_issue``), and a second short
+        transaction checks again and stores them (``store_issue``). The certificates leave
+        the CA only after that commit, so a crash before it leaves nothing issued to account
+        for. A concurrent duplicate of the request that stored first is found there: its
+        certificates are the answer and ours are dropped unissued (on PostgreSQL the two race
+        on the (saga, type) unique key; the loser stores again, which finds the winner's).
+        With a caller's ``conn`` all three run in the caller's transaction.
         """
         if conn is not None:
-            return await self._issue_in(conn, saga_id, requests)
+            plan = await self.plan_issue(conn, saga_id, requests)
+            await self.sign_issue([plan])
+            return await self.store_issue(conn, plan)
+        async with self._db.transaction() as read:
+            plan = await self.plan_issue(read, saga_id, requests)
+        await self.sign_issue([plan])
         try:
-            async with self._db.transaction() as own:
-                return await self._issue_in(own, saga_id, requests)
+            async with self._db.transaction() as write:
+                return await self.store_issue(write, plan)
         except IntegrityError:
-            async with self._db.transaction() as own:
-                plan = await self.plan_issue(own, saga_id, requests)
-            if plan.to_sign:
-                raise
-            return plan.answer()
-
-    async def _issue_in(
-        self, conn: AsyncConnection, saga_id: str, requests: Sequence[KeyRequest]
-    ) -> list[IssuedCertificate]:
-        plan = await self.plan_issue(conn, saga_id, requests)
-        await self.sign_issue(plan)
-        return await self.store_issue(conn, plan)
+            async with self._db.transaction() as write:
+                return await self.store_issue(write, plan)
 
     async def plan_issue(
         self, conn: AsyncConnection, saga_id: str, requests: Sequence[KeyRequest]
     ) -> IssuePlan:
-        """Issuance, part 1 of 3: read and check everything; raises every refusal.
-
-        ``issue`` runs the three parts in a row; the worker runs part 2 of a run of
-        consecutive issue commands in parallel (``CaService``)."""
+        """Issuance, part 1 of 3: read and check everything, proofs of possession included;
+        raises every refusal. Draws the serials and subject ids of what is to be signed."""
         types = [request.cert_type for request in requests]
         if not requests or len(set(types)) != len(types):
             raise InvalidRequest("ask for one or two distinct certificate types")
         now = self._clock()
-        joined = (await conn.execute(_ISSUE_READ, {"saga_id": saga_id})).all()
-        if not joined:
-            raise ApplicationNotVerified("no verified application for this saga")
-        verified = _verified_row(joined[0])
-        if joined[0].cardcert_serial is None:
-            raise CertificateNotFound("the application's card certificate is gone")
-        card = CertificateRecord.from_row(_prefixed(joined[0], "cardcert_"))
-        rows = [_prefixed(row, "own_") for row in joined if row.own_serial is not None]
-        existing = {CertType(r.cert_type): r for r in rows}
+        state = await _read_issue_state(conn, saga_id, now)
         plan = IssuePlan(
-            saga_id=saga_id, verified=verified, card=card, now=now, order=types_of(requests)
+            saga_id=saga_id,
+            verified=state.verified,
+            card_serial=state.verified.card_serial,
+            now=now,
+            order=types,
         )
         for request in requests:
-            if request.cert_type not in verified.certificates:
+            if request.cert_type not in state.verified.certificates:
                 raise InvalidRequest(
                     f"the application did not ask for a {request.cert_type.value} certificate"
                 )
-            row = existing.get(request.cert_type)
-            if row is not None:
-                stored = x509.load_der_x509_certificate(row.der)
-                if _spki(stored) != request.public_key_der:
-                    raise InvalidRequest("this saga already certified another key of this type")
-                plan.results[request.cert_type] = self._issued(
-                    stored, request.cert_type, self.issuer(CaKind(row.ca_kind), row.ca_generation)
-                )
+            stored = state.stored.get(request.cert_type)
+            if stored is not None:
+                plan.results[request.cert_type] = self._stored_answer(stored, request)
                 continue
             key = verify_proof_of_possession(
                 request.cert_type, request.public_key_der, request.challenge, request.proof
             )
-            if card.status is not Status.VALID:
-                raise CardCertificateRevoked("the card certificate is no longer valid")
-            if card.not_after <= now:
-                raise CardCertificateExpired("the card certificate has expired")
-            plan.to_sign.append((request.cert_type, key, self.issuer(request.cert_type.ca_kind)))
+            state.require_usable_card()
+            issuer = self.issuer(request.cert_type.ca_kind)
+            plan.to_sign.append(
+                PendingCertificate(
+                    cert_type=request.cert_type,
+                    template=self._template(request.cert_type, issuer, state),
+                    public_key=key,
+                    serial=self._serial(),
+                    common_name=self._opaque_id(),
+                    # whole seconds: what the certificate says is what the store says
+                    not_before=now.replace(microsecond=0),
+                    # DOMAIN §2: a phone certificate expires with its card certificate
+                    not_after=state.card_not_after.replace(microsecond=0),
+                )
+            )
         return plan
 
-    async def sign_issue(self, plan: IssuePlan) -> None:
-        """Issuance, part 2 of 3: sign, off the event loop, touching no storage."""
-        if not plan.to_sign:
+    async def sign_issue(self, plans: Sequence[IssuePlan]) -> None:
+        """Issuance, part 2 of 3: sign every certificate of ``plans`` on the signing threads,
+        touching no storage. Each thread takes the next certificate until none is left, so a
+        thread the machine holds back does not hold the others up."""
+        pending = deque(item for plan in plans for item in plan.to_sign)
+        if not pending:
             return
 
-        def sign_all() -> list[tuple[x509.Certificate, Issuer]]:
-            return [
-                (self._build_phone_certificate(cert_type, key, plan.card, issuer, plan.now), issuer)
-                for cert_type, key, issuer in plan.to_sign
-            ]
+        def sign_until_done() -> None:
+            while True:
+                try:
+                    item = pending.popleft()  # deque pops are thread-safe
+                except IndexError:
+                    return
+                item.der = item.template.issue(
+                    public_key=item.public_key,
+                    serial=item.serial,
+                    common_name=item.common_name,
+                    not_before=item.not_before,
+                    not_after=item.not_after,
+                )
 
-        plan.signed = await asyncio.get_running_loop().run_in_executor(self._signer, sign_all)
-        for cert, issuer in plan.signed:
-            plan.results[CertType(issuer.kind.value)] = self._issued(
-                cert, CertType(issuer.kind.value), issuer
-            )
+        loop = asyncio.get_running_loop()
+        threads = min(self._signing_threads, len(pending))
+        await asyncio.gather(
+            *(loop.run_in_executor(self._signer, sign_until_done) for _ in range(threads))
+        )
 
     async def store_issue(self, conn: AsyncConnection, plan: IssuePlan) -> list[IssuedCertificate]:
-        """Issuance, part 3 of 3: store what was signed; the answer in request order."""
-        if plan.signed:
-            await conn.execute(
-                insert(t.certificates),
-                [
-                    _certificate_row(
-                        cert,
-                        issuer,
-                        Holder.PHONE,
-                        plan.verified.person_id,
-                        plan.verified.se.cin,
-                        plan.card.serial,
-                        plan.saga_id,
-                        plan.now,
-                    )
-                    for cert, issuer in plan.signed
-                ],
+        """Issuance, part 3 of 3: check again what may have changed since the plan (the card
+        revoked, a duplicate of this request stored first) and store what was signed; the
+        answer in request order."""
+        if not plan.to_sign:
+            return plan.answer()
+        state = await _read_issue_state(conn, plan.saga_id, plan.now)
+        rows: list[tuple[Any, ...]] = []
+        for item in plan.to_sign:
+            stored = state.stored.get(item.cert_type)
+            if stored is not None:  # a duplicate stored first: its certificate is the answer
+                plan.results[item.cert_type] = self._stored_answer(stored, item)
+                continue
+            state.require_usable_card()
+            if not item.der:
+                raise RuntimeError("store_issue before sign_issue")
+            issuer = item.template.issuer
+            plan.results[item.cert_type] = IssuedCertificate(
+                serial=serial_hex(item.serial),
+                cert_type=item.cert_type,
+                der=item.der,
+                not_after=item.not_after,
+                ca_der=issuer.der,
             )
+            rows.append(
+                _row_values(
+                    conn.dialect,
+                    serial=serial_hex(item.serial),
+                    ca_kind=issuer.kind.value,
+                    ca_generation=issuer.generation,
+                    holder=Holder.PHONE.value,
+                    cert_type=item.cert_type.value,
+                    person_id=plan.verified.person_id,
+                    se_cin=plan.verified.se.cin,
+                    card_serial=plan.card_serial,
+                    saga_id=plan.saga_id,
+                    status=Status.VALID.value,
+                    reason=None,
+                    cause=None,
+                    status_changed_at=None,
+                    not_before=item.not_before,
+                    not_after=item.not_after,
+                    issued_at=plan.now,
+                    der=item.der,
+                )
+            )
+        if rows:
+            await execute_many(conn, _INSERT_CERTIFICATE, rows)
             log.info(
                 "ca.phone_issued",
                 saga_id=plan.saga_id,
                 se=plan.verified.se.cin,
-                serials=[serial_hex(cert.serial_number) for cert, _ in plan.signed],
+                serials=[row[0] for row in rows],
             )
         return plan.answer()
 
-    def _build_phone_certificate(
-        self,
-        cert_type: CertType,
-        key: rsa.RSAPublicKey,
-        card: CertificateRecord,
-        issuer: Issuer,
-        now: datetime,
-    ) -> x509.Certificate:
-        card_cert = x509.load_der_x509_certificate(card.der)
+    def _stored_answer(
+        self, stored: StoredCertificate, request: KeyRequest | PendingCertificate
+    ) -> IssuedCertificate:
+        """The certificate this saga already has of a type, if it certifies the same key."""
+        certificate = x509.load_der_x509_certificate(stored.der)
+        requested = (
+            request.public_key_der
+            if isinstance(request, KeyRequest)
+            else request.public_key.public_bytes(
+                serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+        if _spki(certificate) != requested:
+            raise InvalidRequest("this saga already certified another key of this type")
+        return self._issued(
+            certificate, stored.cert_type, self.issuer(stored.ca_kind, stored.ca_generation)
+        )
+
+    def _template(
+        self, cert_type: CertType, issuer: Issuer, state: IssueState
+    ) -> EndEntityTemplate:
+        """The phone certificate profile for this issuer (and, for a signing certificate,
+        the card signing certificate whose facts and localities it copies), cached."""
+        key = (
+            issuer.kind,
+            issuer.generation,
+            state.verified.card_serial if cert_type is CertType.SIGN else "",
+        )
+        template = self._templates.get(key)
+        if template is not None:
+            self._templates.move_to_end(key)
+            return template
         if cert_type is CertType.SIGN:
+            card_cert = x509.load_der_x509_certificate(state.card_der)
             # the four basic facts and the localities come from the card signing certificate
             localities = [a.value for a in card_cert.subject if a.oid == x509.NameOID.LOCALITY_NAME]
             if len(localities) != 2:
                 raise InvalidRequest("the card signing certificate lacks prefecture and city")
-            subject = sign_subject(str(localities[0]), str(localities[1]), self._opaque_id())
-            san = card_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            template = end_entity_template(
+                issuer,
+                cert_type,
+                sign_subject_rdns(str(localities[0]), str(localities[1])),
+                subject_alt_name=card_cert.extensions.get_extension_for_class(
+                    x509.SubjectAlternativeName
+                ).value,
+            )
         else:
-            subject = auth_subject(self._opaque_id())
-            san = None
-        return build_end_entity(
-            issuer=issuer,
-            cert_type=cert_type,
-            subject=subject,
-            public_key=key,
-            serial=self._serial(),
-            not_before=now,
-            # DOMAIN §2: a smartphone certificate expires with the card certificate it came from
-            not_after=card.not_after,
-            facts=None,
-            subject_alt_name=san,
-        )
+            template = end_entity_template(issuer, cert_type, auth_subject_rdns())
+        _remember(self._templates, key, template)
+        return template
 
     def _issued(
         self, cert: x509.Certificate, cert_type: CertType, issuer: Issuer
@@ -901,7 +990,7 @@ class CertificateAuthority:
             cert_type=cert_type,
             der=cert.public_bytes(serialization.Encoding.DER),
             not_after=cert.not_valid_after_utc,
-            ca_der=issuer.certificate.public_bytes(serialization.Encoding.DER),
+            ca_der=issuer.der,
         )
 
     async def _insert_certificate(
@@ -1304,24 +1393,137 @@ def _spki(cert: x509.Certificate) -> bytes:
 
 
 @dataclass
+class PendingCertificate:
+    """One certificate to sign: drawn serial and subject id, then, once signed, its DER."""
+
+    cert_type: CertType
+    template: EndEntityTemplate
+    public_key: rsa.RSAPublicKey
+    serial: int
+    common_name: str
+    not_before: datetime
+    not_after: datetime
+    der: bytes = b""  # set by sign_issue
+
+
+@dataclass
 class IssuePlan:
     """What one issuance found (read), must sign, and signed."""
 
     saga_id: str
     verified: VerifiedApplication
-    card: CertificateRecord
+    card_serial: str
     now: datetime
     order: list[CertType]
     results: dict[CertType, IssuedCertificate] = field(default_factory=dict)
-    to_sign: list[tuple[CertType, rsa.RSAPublicKey, Issuer]] = field(default_factory=list)
-    signed: list[tuple[x509.Certificate, Issuer]] = field(default_factory=list)
+    to_sign: list[PendingCertificate] = field(default_factory=list)
 
     def answer(self) -> list[IssuedCertificate]:
         return [self.results[cert_type] for cert_type in self.order]
 
 
-def types_of(requests: Sequence[KeyRequest]) -> list[CertType]:
-    return [request.cert_type for request in requests]
+@dataclass(frozen=True, slots=True)
+class StoredCertificate:
+    cert_type: CertType
+    serial: str
+    ca_kind: CaKind
+    ca_generation: int
+    der: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class IssueState:
+    """What issuance reads: the verified application, its card certificate, and the
+    certificates the saga already has."""
+
+    verified: VerifiedApplication
+    card_status: Status
+    card_not_after: datetime
+    card_der: bytes
+    stored: dict[CertType, StoredCertificate]
+    now: datetime
+
+    def require_usable_card(self) -> None:
+        if self.card_status is not Status.VALID:
+            raise CardCertificateRevoked("the card certificate is no longer valid")
+        if self.card_not_after <= self.now:
+            raise CardCertificateExpired("the card certificate has expired")
+
+
+async def _read_issue_state(conn: AsyncConnection, saga_id: str, now: datetime) -> IssueState:
+    rows = await fetch(conn, _ISSUE_READ, (saga_id,))
+    if not rows:
+        raise ApplicationNotVerified("no verified application for this saga")
+    first = rows[0]
+    person_id, se_cin, se_kdd, card_serial, cert_types, pin_option = first[:6]
+    card_status, card_not_after, card_der = first[6:9]
+    if card_status is None:
+        raise CertificateNotFound("the application's card certificate is gone")
+    read_time = _time_reader(conn.dialect)
+    return IssueState(
+        verified=VerifiedApplication(
+            saga_id=saga_id,
+            person_id=person_id,
+            se=SeIdentity(cin=se_cin, kdd=se_kdd),
+            card_serial=card_serial,
+            certificates=tuple(CertType(c) for c in cert_types.split(",")),
+            pin_option=pin_option,
+        ),
+        card_status=Status(card_status),
+        card_not_after=_aware(read_time(card_not_after)),
+        card_der=card_der,
+        stored={
+            CertType(row[9]): StoredCertificate(
+                cert_type=CertType(row[9]),
+                serial=row[10],
+                ca_kind=CaKind(row[11]),
+                ca_generation=row[12],
+                der=row[13],
+            )
+            for row in rows
+            if row[10] is not None
+        },
+        now=now,
+    )
+
+
+_TIME_PROCESSORS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {}
+
+
+def _time_processors(dialect: Dialect) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """How this dialect's driver writes and reads our ``DateTime`` columns (SQLite: text in
+    SQLAlchemy's format; asyncpg: datetime objects), for driver SQL that must agree with
+    the rows SQLAlchemy writes and reads."""
+    processors = _TIME_PROCESSORS.get(dialect.name)
+    if processors is None:
+        implementation = t.certificates.c.not_after.type.dialect_impl(dialect)
+        write = implementation.bind_processor(dialect) or _unchanged
+        read = implementation.result_processor(dialect, None) or _unchanged
+        processors = _TIME_PROCESSORS[dialect.name] = (write, read)
+    return processors
+
+
+def _unchanged(value: Any) -> Any:
+    return value
+
+
+def _time_reader(dialect: Dialect) -> Callable[[Any], Any]:
+    return _time_processors(dialect)[1]
+
+
+def _row_values(dialect: Dialect, **values: Any) -> tuple[Any, ...]:
+    """``values`` (every certificate column) as the driver's parameter tuple."""
+    write_time = _time_processors(dialect)[0]
+    for name in ("status_changed_at", "not_before", "not_after", "issued_at"):
+        if values[name] is not None:
+            values[name] = write_time(values[name])
+    return tuple(values[name] for name in _CERTIFICATE_COLUMNS)
+
+
+def _remember(cache: OrderedDict[Any, Any], key: Any, value: Any) -> None:
+    cache[key] = value
+    if len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
 
 
 def _certificate_row(
@@ -1363,15 +1565,4 @@ def _verified_row(row: Any) -> VerifiedApplication:
         card_serial=row.card_serial,
         certificates=tuple(CertType(c) for c in row.cert_types.split(",")),
         pin_option=row.pin_option,
-    )
-
-
-def _prefixed(row: Any, prefix: str) -> SimpleNamespace:
-    """The columns of a joined row that carry ``prefix``, under their own names."""
-    return SimpleNamespace(
-        **{
-            key[len(prefix) :]: value
-            for key, value in row._mapping.items()
-            if key.startswith(prefix)
-        }
     )

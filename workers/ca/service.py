@@ -7,6 +7,12 @@ refused command (a ``CaError``: forged signature, revoked card, ...) rolls back 
 work and is answered with a ``Failure`` (commands that refuse before their first write
 skip the savepoint); a transient error (CA key unavailable) propagates
 and the message is retried.
+
+Issue commands are signed before the batch's transaction opens (``CaService.presign``: a
+short read plans them, the signatures run with no transaction open), so the transaction
+holds the store only for the checks and writes; inside it each issuance checks again what
+the commands before it may have changed and stores its certificates, or answers those a
+duplicate stored first.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from infra.bus import SERVICE_QUEUES, declare_topology
+from infra.db.database import Database
 from infra.db.inbox import InboxConsumer
 from infra.db.outbox import OutboxRelay, outgoing
 from infra.transport.base import Outgoing, Transport
@@ -48,6 +55,8 @@ class CaService:
 
     def __init__(self, authority: CertificateAuthority) -> None:
         self.authority = authority
+        # issue commands signed ahead of their batch's transaction, by message id
+        self._presigned: dict[str, IssuePlan] = {}
         self._handlers: dict[type, tuple[Handler, type[m.CaReply]]] = {
             m.VerifyApplication: (self._verify, m.ApplicationVerified),
             m.StateCheckRequest: (self._state_check, m.StateCheckResult),
@@ -59,13 +68,51 @@ class CaService:
             m.SeCertificatesQuery: (self._se_certificates, m.SeCertificates),
         }
 
+    async def presign(self, messages: Sequence[Message]) -> None:
+        """Plan the batch's issue commands in one short read and sign them with no
+        transaction open; ``handle_batch`` then stores them. A command that refuses here is
+        left to ``handle_batch``, which refuses it in its place in the batch (or, if the
+        commands before it change the answer, answers as they make it); a saga's second
+        command in the batch is left too: it finds the first one's certificates."""
+        issues = [
+            message
+            for message in messages
+            if isinstance(message.body, m.IssueCertificates) and message.envelope.saga_id
+        ]
+        if not issues:
+            return
+        plans: dict[str, IssuePlan] = {}
+        sagas: set[str] = set()
+        async with self.authority.database.transaction() as conn:
+            for message in issues:
+                saga_id = message.envelope.saga_id
+                if saga_id in sagas:
+                    continue
+                sagas.add(saga_id)
+                try:
+                    plan = await self.authority.plan_issue(
+                        conn, saga_id, _key_requests(message.body)
+                    )
+                except CaError:
+                    continue
+                if plan.to_sign:
+                    plans[message.envelope.message_id] = plan
+        await self.authority.sign_issue(list(plans.values()))
+        self._presigned.update(plans)
+
+    def forget_presigned(self, messages: Sequence[Message]) -> None:
+        """Drop what ``presign`` left for ``messages`` (their batch is over: stored, or
+        failed and retried, or duplicates the inbox turned away): never issued."""
+        for message in messages:
+            self._presigned.pop(message.envelope.message_id, None)
+
     async def handle_batch(
         self, conn: AsyncConnection, messages: list[Message]
     ) -> Sequence[Outgoing]:
-        """Answer a batch in order. A run of consecutive issue commands is read and checked
-        one by one, signed in parallel (the signatures are the expensive part and need no
-        storage), then stored one by one; any other command ends the run first, so every
-        command still sees the effects of those before it."""
+        """Answer a batch in order. An issue command ``presign`` signed is checked again and
+        stored in its place. A run of consecutive other issue commands is read and checked
+        one by one, signed in parallel, then stored one by one; any other command ends the
+        run first, so every command still sees the effects of those before it."""
         replies: list[Outgoing | None] = []
         run: list[tuple[int, Message, IssuePlan]] = []
         for message in messages:
@@ -73,9 +120,16 @@ class CaService:
                 await self._finish_run(conn, run, replies)
                 replies.append(await self.handle(conn, message))
                 continue
-            if any(plan.saga_id == message.envelope.saga_id for _, _, plan in run):
+            presigned = self._presigned.pop(message.envelope.message_id, None)
+            if any(plan.saga_id == message.envelope.saga_id for _, _, plan in run) or (
+                presigned is not None
+            ):
                 await self._finish_run(conn, run, replies)  # a duplicate sees the first's work
             try:
+                if presigned is not None:
+                    issued = await self.authority.store_issue(conn, presigned)
+                    replies.append(self._reply(message, _issued_body(message.body, issued)))
+                    continue
                 plan = await self.authority.plan_issue(
                     conn, self._saga(message), _key_requests(message.body)
                 )
@@ -95,9 +149,13 @@ class CaService:
     ) -> None:
         if not run:
             return
-        await asyncio.gather(*(self.authority.sign_issue(plan) for _, _, plan in run))
+        await self.authority.sign_issue([plan for _, _, plan in run])
         for index, message, plan in run:
-            issued = await self.authority.store_issue(conn, plan)
+            try:
+                issued = await self.authority.store_issue(conn, plan)
+            except CaError as exc:
+                replies[index] = self._refusal(message, m.CertificatesIssued, exc)
+                continue
             replies[index] = self._reply(message, _issued_body(message.body, issued))
         run.clear()
 
@@ -289,6 +347,30 @@ def _changes(changes: list[StatusChange]) -> list[m.StatusChange]:
     ]
 
 
+class PresigningInboxConsumer(InboxConsumer):
+    """The inbox consumer, with each batch's issue commands signed (``CaService.presign``)
+    before the batch's transaction opens."""
+
+    def __init__(
+        self,
+        service: CaService,
+        db: Database,
+        transport: Transport,
+        queue: str,
+        *,
+        relay: OutboxRelay,
+    ) -> None:
+        super().__init__(db, transport, queue, service.handle_batch, relay=relay)
+        self._service = service
+
+    async def _commit(self, messages: list[Message]) -> list[Outgoing]:
+        await self._service.presign(messages)
+        try:
+            return await super()._commit(messages)
+        finally:
+            self._service.forget_presigned(messages)
+
+
 class CaWorker:
     """The running worker: queue declared, inbox consumer and outbox relay started."""
 
@@ -299,8 +381,8 @@ class CaWorker:
         self._transport = transport
         self._queue = queue
         self.relay = OutboxRelay(authority.database, transport, name=queue)
-        self.consumer = InboxConsumer(
-            authority.database, transport, queue, self.service.handle_batch, relay=self.relay
+        self.consumer = PresigningInboxConsumer(
+            self.service, authority.database, transport, queue, relay=self.relay
         )
 
     async def start(self) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import threading
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
@@ -23,8 +25,10 @@ from workers.ca import (
     Sex,
 )
 from workers.ca.application import KEY_EF
+from workers.ca.profiles import EndEntityTemplate
 
 T0 = datetime(2026, 6, 1, 9, 0, tzinfo=UTC)
+WAIT = 10.0
 PASSPHRASE = Passphrase(b"test-only ca passphrase")
 
 
@@ -118,3 +122,26 @@ async def verify(ca: CertificateAuthority, card: Card, saga_id: str, nonce: byte
         signature=card_sign(card, app),
         card_certificate=card.certs.sign.der,
     )
+
+
+class SigningGate:
+    """Holds every certificate signature until ``open()``; counts those that arrived."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.arrived = threading.Semaphore(0)
+        self._open = threading.Event()
+        original = EndEntityTemplate.issue
+
+        def gated(template, **kwargs):
+            self.arrived.release()
+            if not self._open.wait(WAIT):
+                raise TimeoutError("the signing gate was never opened")
+            return original(template, **kwargs)
+
+        monkeypatch.setattr(EndEntityTemplate, "issue", gated)
+
+    async def signing(self) -> None:
+        assert await asyncio.to_thread(self.arrived.acquire, timeout=WAIT)
+
+    def open(self) -> None:
+        self._open.set()

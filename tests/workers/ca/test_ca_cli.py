@@ -106,9 +106,7 @@ def test_a_run_data_directory_opens_with_its_own_passphrase(monkeypatch, tmp_pat
     runner = CliRunner()
     assert runner.invoke(main, ["ca", "init", "--data-dir", str(tmp_path)]).exit_code == 0
     out = tmp_path / "export"
-    result = runner.invoke(
-        main, ["ca", "export", "--data-dir", str(tmp_path), "--out", str(out)]
-    )
+    result = runner.invoke(main, ["ca", "export", "--data-dir", str(tmp_path), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert list(out.glob("*.pem")) or list(out.rglob("*.pem"))
     (tmp_path / "secrets" / "ca.passphrase").write_bytes(b"not-the-passphrase")

@@ -6,7 +6,15 @@ import asyncio
 import os
 
 import pytest
-from ca_support import OTHER_SE, SE, application, card_sign, issue_card, key_request
+from ca_support import (
+    OTHER_SE,
+    SE,
+    SigningGate,
+    application,
+    card_sign,
+    issue_card,
+    key_request,
+)
 
 from infra.db.outbox import outgoing
 from infra.transport.inprocess import InProcessTransport
@@ -252,3 +260,67 @@ async def test_se_certificates_lists_what_is_live_on_an_se(running, ca, keys) ->
         m.SeCertificatesQuery(command_id="live-2", se_cin=OTHER_SE.cin), saga_id=None
     )
     assert (await harness.reply()).body.certificates == []
+
+
+async def test_the_worker_signs_before_its_batch_transaction(running, ca, keys, monkeypatch):
+    harness, _ = running
+    card = await issue_card(ca, keys)
+    await harness.send(verify_command(card, "saga-1", os.urandom(32)))
+    assert (await harness.reply()).body.ok
+    gate = SigningGate(monkeypatch)
+    command, _ = issue_command("saga-1", keys)
+    await harness.send(command)
+    try:
+        await gate.signing()
+        async with asyncio.timeout(5):  # the store is free while the worker signs
+            async with ca.database.transaction() as conn:
+                await conn.exec_driver_sql("SELECT 1")
+    finally:
+        gate.open()
+    issued = (await harness.reply()).body
+    assert issued.ok and len(issued.certificates) == 2
+    assert len(await ca.certificates(holder=Holder.PHONE)) == 2
+
+
+async def test_presigned_issues_see_the_commands_before_them(ca, keys) -> None:
+    """Signed ahead of the batch's transaction, each issuance is still checked in its place:
+    a card revoked by an earlier command of the batch stops it, a duplicate answers the
+    pair stored before it, and the certificates stored before a revocation are revoked."""
+    from workers.ca.service import CaService
+
+    card = await issue_card(ca, keys)
+    for saga in ("saga-1", "saga-2"):
+        await ca.verify_application(
+            saga_id=saga,
+            expected_nonce=(n := os.urandom(32)),
+            expected_se=SE,
+            to_be_signed=application(saga, n).to_be_signed(),
+            signature=card_sign(card, application(saga, n)),
+            card_certificate=card.certs.sign.der,
+        )
+    one, requests = issue_command("saga-1", keys, command_id="one")
+    again, _ = issue_command("saga-1", keys, command_id="again", pair=requests)
+    two, _ = issue_command("saga-2", keys, command_id="two")
+    revoke = m.CardCertificateRevoked(
+        command_id="revoke", card_serial=card.certs.sign.serial, cause=Cause.CARD_FACTS_CHANGED
+    )
+    batch = [
+        build(one, saga_id="saga-1"),
+        build(again, saga_id="saga-1"),
+        build(revoke, saga_id="ops"),
+        build(two, saga_id="saga-2"),
+    ]
+    service = CaService(ca)
+    await service.presign(batch)
+    async with ca.database.transaction() as conn:
+        out = await service.handle_batch(conn, batch)
+    service.forget_presigned(batch)
+    replies = [decode(o.body).body for o in out]
+    assert [r.command_id for r in replies] == ["one", "again", "revoke", "two"]
+    assert [c.certificate for c in replies[1].certificates] == [
+        c.certificate for c in replies[0].certificates
+    ]
+    revoked = {c.serial for c in replies[2].changes}
+    assert {c.serial for c in replies[0].certificates if c.kind is CertType.SIGN} <= revoked
+    assert replies[3].failure.code is CaErrorCode.CARD_CERTIFICATE_REVOKED
+    assert len(await ca.certificates(holder=Holder.PHONE)) == 2
