@@ -14,6 +14,11 @@ from datetime import UTC, datetime
 import msgspec
 
 from orchestrator import callcentre
+from orchestrator.flows.card_application import (
+    keep_card_signature,
+    keep_verified,
+    verify_application,
+)
 from orchestrator.flows.ending import on_end
 from orchestrator.flows.lifecycle_common import (
     CA_RETRY,
@@ -155,25 +160,18 @@ def s06_card_signature(data: FoundData) -> CardSignatureRequest:
 
 @s06_card_signature.done
 def _(data: FoundData, answer: CardSignature) -> None:
-    data.to_be_signed = _application(data).to_be_signed()
-    data.card_signature = answer.signature
-    data.card_certificate = answer.card_certificate
+    keep_card_signature(data, _application(data), answer)
 
 
 @found.command(reply=ca.ApplicationVerified, timeout=CA_TIMEOUT, retry=CA_RETRY, when=_reissuing)
 def s07_verify(data: FoundData, ctx: StepContext) -> ca.VerifyApplication:
     """7. The CA verifies the card signature (issuance step 6)."""
-    return ca.VerifyApplication(
-        command_id=key(ctx), se=_se(data), nonce=data.nonce or b"",
-        to_be_signed=data.to_be_signed or b"", signature=data.card_signature or b"",
-        card_certificate=data.card_certificate or b"",
-    )
+    return verify_application(data, key(ctx), _se(data))
 
 
 @s07_verify.done
 def _(data: FoundData, reply: ca.ApplicationVerified) -> None:
-    data.person_id = reply.person_id
-    data.card_certificate = None
+    keep_verified(data, reply)
 
 
 @found.command(reply=tsm.GenerateKeysReply, timeout=SE_TIMEOUT, retry=SE_RETRY, when=_reissuing)

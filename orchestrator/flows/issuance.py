@@ -18,6 +18,11 @@ from datetime import UTC, datetime
 
 import msgspec
 
+from orchestrator.flows.card_application import (
+    keep_card_signature,
+    keep_verified,
+    verify_application,
+)
 from orchestrator.flows.ending import on_end
 from orchestrator.messages import (
     DEFAULT_PIN_OPTION,
@@ -287,26 +292,19 @@ def s05_card_signature(data: IssuanceData) -> CardSignatureRequest:
 
 @s05_card_signature.done
 def _(data: IssuanceData, answer: CardSignature) -> None:
-    data.to_be_signed = _application(data).to_be_signed()
-    data.card_signature = answer.signature
-    data.card_certificate = answer.card_certificate
+    keep_card_signature(data, _application(data), answer)
 
 
 @issuance.command(reply=ca.ApplicationVerified, timeout=CA_TIMEOUT, retry=CA_RETRY)
 def s06_verify(data: IssuanceData, ctx: StepContext) -> ca.VerifyApplication:
     """6. Card signature, card certificate chain, validity, revocation, nonce, SE."""
     se = _se(data)
-    return ca.VerifyApplication(
-        command_id=_key(ctx), se=ca_app.SeIdentity(cin=se.cin, kdd=se.kdd),
-        nonce=data.nonce or b"", to_be_signed=data.to_be_signed or b"",
-        signature=data.card_signature or b"", card_certificate=data.card_certificate or b"",
-    )
+    return verify_application(data, _key(ctx), ca_app.SeIdentity(cin=se.cin, kdd=se.kdd))
 
 
 @s06_verify.done
 def _(data: IssuanceData, reply: ca.ApplicationVerified) -> None:
-    data.person_id = reply.person_id
-    data.card_certificate = None  # verified and recorded by the CA; no need to keep it
+    keep_verified(data, reply)
 
 
 @issuance.command(reply=ca.StateCheckResult, timeout=CA_TIMEOUT, retry=CA_RETRY)

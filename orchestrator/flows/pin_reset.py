@@ -11,6 +11,11 @@ from datetime import UTC, datetime
 
 import msgspec
 
+from orchestrator.flows.card_application import (
+    keep_card_signature,
+    keep_verified,
+    verify_application,
+)
 from orchestrator.flows.ending import on_end
 from orchestrator.flows.lifecycle_common import (
     CA_RETRY,
@@ -104,25 +109,18 @@ def s02_card_signature(data: PinResetData) -> CardSignatureRequest:
 
 @s02_card_signature.done
 def _(data: PinResetData, answer: CardSignature) -> None:
-    data.to_be_signed = _application(data).to_be_signed()
-    data.card_signature = answer.signature
-    data.card_certificate = answer.card_certificate
+    keep_card_signature(data, _application(data), answer)
 
 
 @pin_reset.command(reply=ca.ApplicationVerified, timeout=CA_TIMEOUT, retry=CA_RETRY)
 def s03_verify(data: PinResetData, ctx: StepContext) -> ca.VerifyApplication:
     """3. Card signature, chain, validity, revocation, nonce, SE (issuance step 6)."""
-    return ca.VerifyApplication(
-        command_id=key(ctx), se=ca_app.SeIdentity(cin=data.se.cin, kdd=data.se.kdd),
-        nonce=data.nonce or b"", to_be_signed=data.to_be_signed or b"",
-        signature=data.card_signature or b"", card_certificate=data.card_certificate or b"",
-    )
+    return verify_application(data, key(ctx), ca_app.SeIdentity(cin=data.se.cin, kdd=data.se.kdd))
 
 
 @s03_verify.done
 def _(data: PinResetData, reply: ca.ApplicationVerified) -> None:
-    data.person_id = reply.person_id
-    data.card_certificate = None
+    keep_verified(data, reply)
 
 
 @pin_reset.command(reply=ca.SeCertificates, timeout=CA_TIMEOUT, retry=CA_RETRY)
