@@ -23,6 +23,7 @@ from protocol.errors import SecureChannelError
 BLOCK = 16
 AES_KEY_LENGTHS = (16, 24, 32)
 _KCV_INPUT = b"\x01" * BLOCK  # GPC v2.3 §11.8.2.3: AES KCV over 16 bytes '01'
+_ZERO_BLOCK = bytes(BLOCK)
 
 
 class AesKey:
@@ -95,6 +96,14 @@ class AesKey:
         out = encrypt(data)
         self._cbc_encrypt_last = int.from_bytes(out[-BLOCK:], "big")
         return out
+
+    def cbc_encrypt_with_encrypted_iv(self, iv_input: bytes, data: bytes) -> bytes:
+        """AES-CBC of ``data`` under the IV AES(key, ``iv_input``), the ICV of SCP03's C-DEC
+        and R-ENC (GP Amd D §6.2.6, §6.2.7): CBC with a zero IV over ``iv_input`` ‖ ``data``
+        makes that IV as its first block, so one call replaces an ECB call and a CBC call."""
+        if len(iv_input) != BLOCK:
+            raise SecureChannelError("the IV input must be one block")
+        return self.cbc_encrypt(_ZERO_BLOCK, iv_input + data)[BLOCK:]
 
     def cbc_decrypt(self, iv: bytes, data: bytes) -> bytes:
         """AES-CBC decryption without unpadding."""

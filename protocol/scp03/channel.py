@@ -77,11 +77,16 @@ class MessagingCore:
         header = bytes((mac_cla(cla), ins, p1, p2))
         return self._keys.s_mac.cmac(chain + header + lc_field + body)
 
-    def _icv(self, counter: int, response: bool) -> bytes:
+    @staticmethod
+    def _counter_block(counter: int, response: bool) -> bytes:
+        """The block whose encryption under S-ENC is the ICV (GP Amd D §6.2.6, §6.2.7)."""
         block = counter.to_bytes(BLOCK, "big")
         if response:
             block = bytes((_RESPONSE_ICV_MARKER,)) + block[1:]
-        return self._keys.s_enc.ecb_encrypt(block)
+        return block
+
+    def _icv(self, counter: int, response: bool) -> bytes:
+        return self._keys.s_enc.ecb_encrypt(self._counter_block(counter, response))
 
     # -- host: commands out, responses in -----------------------------------------------
 
@@ -97,7 +102,9 @@ class MessagingCore:
         body = command.data
         if self._c_dec and body:
             # Data-less commands are not encrypted; the counter still advanced (§6.2.6).
-            body = self._keys.s_enc.cbc_encrypt(self._icv(counter, False), pad_m2(body))
+            body = self._keys.s_enc.cbc_encrypt_with_encrypted_iv(
+                self._counter_block(counter, False), pad_m2(body)
+            )
         lc = len(body) + self.mac_len
         le = command.le
         extended = command.extended or lc > _SHORT_MAX_LC or (le is not None and le > _SHORT_MAX_LE)
@@ -175,6 +182,8 @@ class MessagingCore:
             return ResponseAPDU(b"", sw) if response.data else response
         body = response.data
         if self._r_enc and body:
-            body = self._keys.s_enc.cbc_encrypt(self._icv(counter, True), pad_m2(body))
+            body = self._keys.s_enc.cbc_encrypt_with_encrypted_iv(
+                self._counter_block(counter, True), pad_m2(body)
+            )
         rmac = self._keys.s_rmac.cmac(chain + body + sw.to_bytes(2, "big"))
         return ResponseAPDU(body + rmac[: self.mac_len], sw)

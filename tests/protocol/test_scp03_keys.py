@@ -50,6 +50,8 @@ def test_cbc_with_many_ivs_through_one_key_matches_openssl():
             assert aes.cbc_encrypt(iv, data) == _cbc(key, iv, data, True)
             assert aes.cbc_decrypt(iv, data) == _cbc(key, iv, data, False)
             assert aes.ecb_encrypt(data[:16]) == _cbc(key, bytes(16), data[:16], True)
+            icv = _cbc(key, bytes(16), iv, True)
+            assert aes.cbc_encrypt_with_encrypted_iv(iv, data) == _cbc(key, icv, data, True)
 
 
 def test_cbc_refuses_partial_blocks():

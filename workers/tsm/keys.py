@@ -46,6 +46,8 @@ class MasterKeys:
     enc: bytes = field(repr=False)
     mac: bytes = field(repr=False)
     dek: bytes = field(repr=False)
+    # The master keys loaded into their cipher contexts once, not again for every new SE.
+    _diversifier: Scp03MasterKeys = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not 0x01 <= self.kvn <= 0x7F:
@@ -53,6 +55,7 @@ class MasterKeys:
         for key in (self.enc, self.mac, self.dek):
             if len(key) not in (16, 24, 32):
                 raise KeyFileError("master keys must be AES-128, -192 or -256")
+        object.__setattr__(self, "_diversifier", Scp03MasterKeys(self.enc, self.mac, self.dek))
 
     @classmethod
     def generate(
@@ -63,7 +66,7 @@ class MasterKeys:
     def static_keys_for(self, kdd: bytes) -> StaticKeys:
         """The static SCP03 keys of the SE whose key diversification data is ``kdd``
         (GlobalPlatformPro's KDF3, ``protocol.scp03.diversify``)."""
-        return diversify_kdf3(Scp03MasterKeys(self.enc, self.mac, self.dek), kdd)
+        return diversify_kdf3(self._diversifier, kdd)
 
     def for_se(self, kdd: bytes) -> KeySet:
         """The same keys as the SE's security domain stores them (with the key version)."""
