@@ -24,6 +24,7 @@ HTTP shell ``workers/ca/http.py``. The clock and randomness are injected for tes
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import os
 from collections import OrderedDict, deque
@@ -33,7 +34,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from cryptography import x509
@@ -47,7 +48,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from infra.db.database import Database
-from infra.db.fast import execute_many, fetch
+from infra.db.fast import chunks, execute_many, fetch, in_list
 from workers.ca import tables as t
 from workers.ca.application import (
     Application,
@@ -59,6 +60,7 @@ from workers.ca.application import (
 )
 from workers.ca.errors import (
     ApplicationNotVerified,
+    CaError,
     CardCertificateExpired,
     CardCertificateRevoked,
     CertificateNotFound,
@@ -111,16 +113,17 @@ from workers.ca.state_check import ExistingCertificate, StateCheck, decide_branc
 log = structlog.get_logger("ca")
 
 # Issuance reads the application, its card certificate and any certificate the saga already
-# has in one statement; every join is an equality on an indexed column. It runs for every
-# issuance, twice (plan and store), so it is driver SQL (``infra.db.fast``).
+# has in one statement, for every saga of a batch at once; every join is an equality on an
+# indexed column. It runs twice for every issuance (plan and store), so it is driver SQL
+# (``infra.db.fast``), as is the insert.
 _ISSUE_READ = (
-    "SELECT a.person_id, a.se_cin, a.se_kdd, a.card_serial, a.cert_types, a.pin_option,"
-    " card.status, card.not_after, card.der,"
+    "SELECT a.saga_id, a.person_id, a.se_cin, a.se_kdd, a.card_serial, a.cert_types,"
+    " a.pin_option, card.status, card.not_after, card.der,"
     " own.cert_type, own.serial, own.ca_kind, own.ca_generation, own.der"
     " FROM ca_applications a"
     " LEFT JOIN ca_certificates card ON card.serial = a.card_serial"
     " LEFT JOIN ca_certificates own ON own.saga_id = a.saga_id"
-    " WHERE a.saga_id = ?"
+    " WHERE a.saga_id IN "
 )
 _CERTIFICATE_COLUMNS = tuple(column.name for column in t.certificates.columns)
 _INSERT_CERTIFICATE = (
@@ -131,6 +134,7 @@ _INSERT_CERTIFICATE = (
 # used first out): a card's certificates are used for one saga after another.
 _CACHE_SIZE = 4096
 
+_T = TypeVar("_T")
 Clock = Callable[[], datetime]
 RandomBytes = Callable[[int], bytes]
 KeyFactory = Callable[[], rsa.RSAPrivateKey]
@@ -806,11 +810,33 @@ class CertificateAuthority:
     ) -> IssuePlan:
         """Issuance, part 1 of 3: read and check everything, proofs of possession included;
         raises every refusal. Draws the serials and subject ids of what is to be signed."""
+        return _raise_refusal((await self.plan_issues(conn, [(saga_id, requests)]))[0])
+
+    async def plan_issues(
+        self, conn: AsyncConnection, requests: Sequence[tuple[str, Sequence[KeyRequest]]]
+    ) -> list[IssuePlan | CaError]:
+        """``plan_issue`` for several sagas with one read; each a plan or its refusal."""
+        now = self._clock()
+        states = await _read_issue_states(conn, [saga_id for saga_id, _ in requests], now)
+        outcomes: list[IssuePlan | CaError] = []
+        for saga_id, saga_requests in requests:
+            try:
+                outcomes.append(self._plan(saga_id, saga_requests, states.get(saga_id), now))
+            except CaError as refusal:
+                outcomes.append(refusal)
+        return outcomes
+
+    def _plan(
+        self,
+        saga_id: str,
+        requests: Sequence[KeyRequest],
+        state: IssueState | CaError | None,
+        now: datetime,
+    ) -> IssuePlan:
         types = [request.cert_type for request in requests]
         if not requests or len(set(types)) != len(types):
             raise InvalidRequest("ask for one or two distinct certificate types")
-        now = self._clock()
-        state = await _read_issue_state(conn, saga_id, now)
+        state = _raise_refusal(state)
         plan = IssuePlan(
             saga_id=saga_id,
             verified=state.verified,
@@ -848,10 +874,10 @@ class CertificateAuthority:
         return plan
 
     async def sign_issue(self, plans: Sequence[IssuePlan]) -> None:
-        """Issuance, part 2 of 3: sign every certificate of ``plans`` on the signing threads,
-        touching no storage. Each thread takes the next certificate until none is left, so a
-        thread the machine holds back does not hold the others up."""
-        pending = deque(item for plan in plans for item in plan.to_sign)
+        """Issuance, part 2 of 3: sign every certificate of ``plans`` not signed yet on the
+        signing threads, touching no storage. Each thread takes the next certificate until
+        none is left, so a thread the machine holds back does not hold the others up."""
+        pending = deque(item for plan in plans for item in plan.to_sign if not item.der)
         if not pending:
             return
 
@@ -879,9 +905,49 @@ class CertificateAuthority:
         """Issuance, part 3 of 3: check again what may have changed since the plan (the card
         revoked, a duplicate of this request stored first) and store what was signed; the
         answer in request order."""
-        if not plan.to_sign:
-            return plan.answer()
-        state = await _read_issue_state(conn, plan.saga_id, plan.now)
+        return _raise_refusal((await self.store_issues(conn, [plan]))[0])
+
+    async def store_issues(
+        self, conn: AsyncConnection, plans: Sequence[IssuePlan]
+    ) -> list[list[IssuedCertificate] | CaError]:
+        """``store_issue`` for plans of distinct sagas, with one read and one insert; each
+        an answer or its refusal."""
+        to_store = [plan for plan in plans if plan.to_sign]
+        states = (
+            await _read_issue_states(conn, [plan.saga_id for plan in to_store], self._clock())
+            if to_store
+            else {}
+        )
+        rows: list[tuple[Any, ...]] = []
+        outcomes: list[list[IssuedCertificate] | CaError] = []
+        stored: list[IssuePlan] = []
+        for plan in plans:
+            try:
+                if plan.to_sign:
+                    plan_rows = self._rows_to_store(conn.dialect, plan, states.get(plan.saga_id))
+                    rows += plan_rows
+                    if plan_rows:
+                        stored.append(plan)
+                outcomes.append(plan.answer())
+            except CaError as refusal:
+                outcomes.append(refusal)
+        for chunk in chunks(rows, 500):
+            await execute_many(conn, _INSERT_CERTIFICATE, chunk)
+        for plan in stored:
+            log.info(
+                "ca.phone_issued",
+                saga_id=plan.saga_id,
+                se=plan.verified.se.cin,
+                serials=[plan.results[item.cert_type].serial for item in plan.to_sign],
+            )
+        return outcomes
+
+    def _rows_to_store(
+        self, dialect: Dialect, plan: IssuePlan, state: IssueState | CaError | None
+    ) -> list[tuple[Any, ...]]:
+        """The rows of the signed certificates of ``plan`` that nothing stored yet (filling
+        ``plan.results``), after checking the card again."""
+        state = _raise_refusal(state)
         rows: list[tuple[Any, ...]] = []
         for item in plan.to_sign:
             stored = state.stored.get(item.cert_type)
@@ -901,7 +967,7 @@ class CertificateAuthority:
             )
             rows.append(
                 _row_values(
-                    conn.dialect,
+                    dialect,
                     serial=serial_hex(item.serial),
                     ca_kind=issuer.kind.value,
                     ca_generation=issuer.generation,
@@ -921,15 +987,7 @@ class CertificateAuthority:
                     der=item.der,
                 )
             )
-        if rows:
-            await execute_many(conn, _INSERT_CERTIFICATE, rows)
-            log.info(
-                "ca.phone_issued",
-                saga_id=plan.saga_id,
-                se=plan.verified.se.cin,
-                serials=[row[0] for row in rows],
-            )
-        return plan.answer()
+        return rows
 
     def _stored_answer(
         self, stored: StoredCertificate, request: KeyRequest | PendingCertificate
@@ -1450,41 +1508,58 @@ class IssueState:
             raise CardCertificateExpired("the card certificate has expired")
 
 
-async def _read_issue_state(conn: AsyncConnection, saga_id: str, now: datetime) -> IssueState:
-    rows = await fetch(conn, _ISSUE_READ, (saga_id,))
-    if not rows:
-        raise ApplicationNotVerified("no verified application for this saga")
-    first = rows[0]
-    person_id, se_cin, se_kdd, card_serial, cert_types, pin_option = first[:6]
-    card_status, card_not_after, card_der = first[6:9]
-    if card_status is None:
-        raise CertificateNotFound("the application's card certificate is gone")
+async def _read_issue_states(
+    conn: AsyncConnection, saga_ids: Sequence[str], now: datetime
+) -> dict[str, IssueState | CaError]:
+    """What issuance reads, for each of ``saga_ids`` that has a verified application."""
+    grouped: dict[str, list[Any]] = {}
+    for chunk in chunks(list(dict.fromkeys(saga_ids)), 500):
+        for row in await fetch(conn, _ISSUE_READ + in_list(len(chunk)), tuple(chunk)):
+            grouped.setdefault(row[0], []).append(row)
     read_time = _time_reader(conn.dialect)
-    return IssueState(
-        verified=VerifiedApplication(
-            saga_id=saga_id,
-            person_id=person_id,
-            se=SeIdentity(cin=se_cin, kdd=se_kdd),
-            card_serial=card_serial,
-            certificates=tuple(CertType(c) for c in cert_types.split(",")),
-            pin_option=pin_option,
-        ),
-        card_status=Status(card_status),
-        card_not_after=_aware(read_time(card_not_after)),
-        card_der=card_der,
-        stored={
-            CertType(row[9]): StoredCertificate(
-                cert_type=CertType(row[9]),
-                serial=row[10],
-                ca_kind=CaKind(row[11]),
-                ca_generation=row[12],
-                der=row[13],
-            )
-            for row in rows
-            if row[10] is not None
-        },
-        now=now,
-    )
+    states: dict[str, IssueState | CaError] = {}
+    for saga_id, rows in grouped.items():
+        first = rows[0]
+        person_id, se_cin, se_kdd, card_serial, cert_types, pin_option = first[1:7]
+        card_status, card_not_after, card_der = first[7:10]
+        if card_status is None:
+            states[saga_id] = CertificateNotFound("the application's card certificate is gone")
+            continue
+        states[saga_id] = IssueState(
+            verified=VerifiedApplication(
+                saga_id=saga_id,
+                person_id=person_id,
+                se=SeIdentity(cin=se_cin, kdd=se_kdd),
+                card_serial=card_serial,
+                certificates=tuple(CertType(c) for c in cert_types.split(",")),
+                pin_option=pin_option,
+            ),
+            card_status=Status(card_status),
+            card_not_after=_aware(read_time(card_not_after)),
+            card_der=card_der,
+            stored={
+                CertType(row[10]): StoredCertificate(
+                    cert_type=CertType(row[10]),
+                    serial=row[11],
+                    ca_kind=CaKind(row[12]),
+                    ca_generation=row[13],
+                    der=row[14],
+                )
+                for row in rows
+                if row[11] is not None
+            },
+            now=now,
+        )
+    return states
+
+
+def _raise_refusal(outcome: _T | CaError | None) -> _T:
+    """``outcome`` unless it is a refusal; no state read at all means no verified application."""
+    if outcome is None:
+        raise ApplicationNotVerified("no verified application for this saga")
+    if isinstance(outcome, CaError):
+        raise outcome
+    return outcome
 
 
 _TIME_PROCESSORS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {}
@@ -1497,9 +1572,14 @@ def _time_processors(dialect: Dialect) -> tuple[Callable[[Any], Any], Callable[[
     processors = _TIME_PROCESSORS.get(dialect.name)
     if processors is None:
         implementation = t.certificates.c.not_after.type.dialect_impl(dialect)
-        write = implementation.bind_processor(dialect) or _unchanged
+        write = implementation.bind_processor(dialect)
         read = implementation.result_processor(dialect, None) or _unchanged
-        processors = _TIME_PROCESSORS[dialect.name] = (write, read)
+        # an issuance writes the same few times for both its certificates, and every
+        # certificate of a card the card's expiry: formatting each once is enough
+        processors = _TIME_PROCESSORS[dialect.name] = (
+            functools.lru_cache(maxsize=256)(write) if write else _unchanged,
+            read,
+        )
     return processors
 
 

@@ -25,7 +25,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.x509.oid import NameOID
 
-from protocol.tlv import encode as der
 from workers.ca.errors import InvalidPublicKey, InvalidRequest
 
 # DOMAIN.md §2: JPKI arcs under 1.2.392.200149.8.5.
@@ -320,6 +319,15 @@ _VERSION_3 = bytes.fromhex("a003020102")  # [0] EXPLICIT INTEGER 2
 _SHA256_WITH_RSA = bytes.fromhex("300d06092a864886f70d01010b0500")  # RFC 4055 §5, NULL params
 _OID_COMMON_NAME = bytes.fromhex("0603550403")
 _OID_SUBJECT_KEY_IDENTIFIER = bytes.fromhex("0603551d0e")
+
+
+def der(tag: int, content: bytes) -> bytes:
+    """One DER object with a single-octet tag (X.690 §8.1: definite length, minimal)."""
+    length = len(content)
+    if length < 0x80:
+        return bytes((tag, length)) + content
+    size = (length.bit_length() + 7) // 8
+    return bytes((tag, 0x80 | size)) + length.to_bytes(size, "big") + content
 
 
 def _oid(oid: x509.ObjectIdentifier) -> bytes:

@@ -74,29 +74,25 @@ class CaService:
         left to ``handle_batch``, which refuses it in its place in the batch (or, if the
         commands before it change the answer, answers as they make it); a saga's second
         command in the batch is left too: it finds the first one's certificates."""
-        issues = [
-            message
-            for message in messages
-            if isinstance(message.body, m.IssueCertificates) and message.envelope.saga_id
-        ]
-        if not issues:
+        first_of_saga: dict[str, Message] = {}
+        for message in messages:
+            if isinstance(message.body, m.IssueCertificates) and message.envelope.saga_id:
+                first_of_saga.setdefault(message.envelope.saga_id, message)
+        if not first_of_saga:
             return
-        plans: dict[str, IssuePlan] = {}
-        sagas: set[str] = set()
         async with self.authority.database.transaction() as conn:
-            for message in issues:
-                saga_id = message.envelope.saga_id
-                if saga_id in sagas:
-                    continue
-                sagas.add(saga_id)
-                try:
-                    plan = await self.authority.plan_issue(
-                        conn, saga_id, _key_requests(message.body)
-                    )
-                except CaError:
-                    continue
-                if plan.to_sign:
-                    plans[message.envelope.message_id] = plan
+            outcomes = await self.authority.plan_issues(
+                conn,
+                [
+                    (saga_id, _key_requests(message.body))
+                    for saga_id, message in first_of_saga.items()
+                ],
+            )
+        plans = {
+            message.envelope.message_id: outcome
+            for message, outcome in zip(first_of_saga.values(), outcomes, strict=True)
+            if isinstance(outcome, IssuePlan) and outcome.to_sign
+        }
         await self.authority.sign_issue(list(plans.values()))
         self._presigned.update(plans)
 
@@ -109,10 +105,10 @@ class CaService:
     async def handle_batch(
         self, conn: AsyncConnection, messages: list[Message]
     ) -> Sequence[Outgoing]:
-        """Answer a batch in order. An issue command ``presign`` signed is checked again and
-        stored in its place. A run of consecutive other issue commands is read and checked
-        one by one, signed in parallel, then stored one by one; any other command ends the
-        run first, so every command still sees the effects of those before it."""
+        """Answer a batch in order. A run of consecutive issue commands of distinct sagas
+        is planned one by one (unless ``presign`` did), signed together, then checked again
+        and stored together; any other command, or a second command of a saga in the run,
+        ends the run first, so every command still sees the effects of those before it."""
         replies: list[Outgoing | None] = []
         run: list[tuple[int, Message, IssuePlan]] = []
         for message in messages:
@@ -120,22 +116,17 @@ class CaService:
                 await self._finish_run(conn, run, replies)
                 replies.append(await self.handle(conn, message))
                 continue
-            presigned = self._presigned.pop(message.envelope.message_id, None)
-            if any(plan.saga_id == message.envelope.saga_id for _, _, plan in run) or (
-                presigned is not None
-            ):
+            if any(plan.saga_id == message.envelope.saga_id for _, _, plan in run):
                 await self._finish_run(conn, run, replies)  # a duplicate sees the first's work
-            try:
-                if presigned is not None:
-                    issued = await self.authority.store_issue(conn, presigned)
-                    replies.append(self._reply(message, _issued_body(message.body, issued)))
+            plan = self._presigned.pop(message.envelope.message_id, None)
+            if plan is None:
+                try:
+                    plan = await self.authority.plan_issue(
+                        conn, self._saga(message), _key_requests(message.body)
+                    )
+                except CaError as exc:
+                    replies.append(self._refusal(message, m.CertificatesIssued, exc))
                     continue
-                plan = await self.authority.plan_issue(
-                    conn, self._saga(message), _key_requests(message.body)
-                )
-            except CaError as exc:
-                replies.append(self._refusal(message, m.CertificatesIssued, exc))
-                continue
             replies.append(None)  # filled when the run is finished
             run.append((len(replies) - 1, message, plan))
         await self._finish_run(conn, run, replies)
@@ -149,14 +140,14 @@ class CaService:
     ) -> None:
         if not run:
             return
-        await self.authority.sign_issue([plan for _, _, plan in run])
-        for index, message, plan in run:
-            try:
-                issued = await self.authority.store_issue(conn, plan)
-            except CaError as exc:
-                replies[index] = self._refusal(message, m.CertificatesIssued, exc)
-                continue
-            replies[index] = self._reply(message, _issued_body(message.body, issued))
+        plans = [plan for _, _, plan in run]
+        await self.authority.sign_issue(plans)
+        outcomes = await self.authority.store_issues(conn, plans)
+        for (index, message, _), outcome in zip(run, outcomes, strict=True):
+            if isinstance(outcome, CaError):
+                replies[index] = self._refusal(message, m.CertificatesIssued, outcome)
+            else:
+                replies[index] = self._reply(message, _issued_body(message.body, outcome))
         run.clear()
 
     async def handle(self, conn: AsyncConnection, message: Message) -> Outgoing | None:
