@@ -166,9 +166,12 @@ class JpkiApplet:
     pins: dict[int, Pin] = field(default_factory=dict, repr=False)
     _keys: dict[int, rsa.RSAPrivateKey] = field(default_factory=dict, repr=False)
     _owner: str | None = field(default=None, repr=False)
-    # The SubjectPublicKeyInfo of each key, made once per key (checked by identity, so a
-    # new or wiped key never meets a stale one): WRITE CERTIFICATE compares against it.
-    _spki: dict[int, tuple[rsa.RSAPrivateKey, bytes]] = field(default_factory=dict, repr=False)
+    # The public key of each key pair, made once per key (checked by identity, so a new or
+    # wiped key never meets a stale one): WRITE CERTIFICATE compares the certified key with
+    # it (a key comparison, cheaper than encoding the certified key's SubjectPublicKeyInfo).
+    _public: dict[int, tuple[rsa.RSAPrivateKey, rsa.RSAPublicKey]] = field(
+        default_factory=dict, repr=False
+    )
     # Volatile (cleared by SELECT of the application): current EF, the PIN whose
     # successful VERIFY was the previous command, a certificate being chained in.
     _current_ef: int | None = field(default=None, repr=False)
@@ -368,8 +371,9 @@ class JpkiApplet:
         self._keys[key_ef] = key
         # A new key orphans the certificate of the old one.
         self.files.pop(CERT_FOR_KEY[jpki.EF(key_ef)], None)
-        spki = public_key_der(key)
-        self._spki[key_ef] = (key, spki)
+        public = key.public_key()
+        self._public[key_ef] = (key, public)
+        spki = public_key_der(public)
         proof = key.sign(
             jpki.proof_message(key_ef, command.data, spki), padding.PKCS1v15(), hashes.SHA256()
         )
@@ -402,13 +406,11 @@ class JpkiApplet:
             key = self._keys.get(key_ef)
             if key is None:
                 return _status(StatusWord.CONDITIONS_NOT_SATISFIED)
-            known = self._spki.get(key_ef)
+            known = self._public.get(key_ef)
             if known is None or known[0] is not key:
-                known = self._spki[key_ef] = (key, public_key_der(key))
-            certified = certificate.public_key()
-            if not isinstance(certified, rsa.RSAPublicKey) or public_key_der(
-                certified
-            ) != known[1]:
+                known = self._public[key_ef] = (key, key.public_key())
+            # Keys of another type or size compare unequal.
+            if certificate.public_key() != known[1]:
                 return _status(StatusWord.WRONG_DATA)
         self.files[ef] = der
         log.info("jpki_applet.certificate_written", ef=f"{ef:04X}", size=len(der))

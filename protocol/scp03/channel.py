@@ -23,6 +23,11 @@ _SHORT_MAX_LC = 255
 _SHORT_MAX_LE = 256
 _EXTENDED_MAX_LC = 65535
 _RESPONSE_ICV_MARKER = 0x80  # GP Amd D §6.2.7: MSB of the counter block set for responses
+# The level bits as plain ints (an enum member's ``.value`` is a Python-level property).
+_C_MAC = SecurityLevel.C_MAC.value
+_C_DEC = SecurityLevel.C_DECRYPTION.value
+_R_MAC = SecurityLevel.R_MAC.value
+_R_ENC = SecurityLevel.R_ENCRYPTION.value
 
 
 def response_is_protected(sw: int) -> bool:
@@ -57,10 +62,10 @@ class MessagingCore:
         self.mac_len = s_mode
         self.level = level
         bits = int(level)  # plain int: IntFlag operators cost ~1 µs each
-        self._c_mac = bool(bits & SecurityLevel.C_MAC.value)
-        self._c_dec = bool(bits & SecurityLevel.C_DECRYPTION.value)
-        self._r_mac = bool(bits & SecurityLevel.R_MAC.value)
-        self._r_enc = bool(bits & SecurityLevel.R_ENCRYPTION.value)
+        self._c_mac = bool(bits & _C_MAC)
+        self._c_dec = bool(bits & _C_DEC)
+        self._r_mac = bool(bits & _R_MAC)
+        self._r_enc = bool(bits & _R_ENC)
 
     def __repr__(self) -> str:
         return f"MessagingCore(level={int(self.level):02X}, S{self.mac_len}, <keys redacted>)"
