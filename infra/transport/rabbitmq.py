@@ -14,13 +14,17 @@ with every message in flight at once, and returns when all are confirmed; a mess
 queue is bound for comes back and raises ``Unroutable``. Each subscription
 gets its own channel (its prefetch is the channel's QoS), so cancelling it closes the
 channel and the broker returns what the consumer held, as it does when a process dies.
+Subscriptions consume through aiormq directly (one task per delivery, no aio-pika message
+object) and start their consumer again on the channel the robust connection reopens.
 
 ``park(reason)`` publishes the message to the dead-letter exchange with the reason in a
 header, waits for the confirm, then acks the original: the reason survives and nothing is
 lost in between (at worst the message is parked twice, with one id).
 
-``ack_many`` settles a committed batch with one ``basic.ack`` (``multiple``) up to the
-highest delivery tag below which nothing else is unsettled, and single acks above it.
+Settling is merged per subscription: every ack and nack asked for in one round of the
+event loop is written at its end as one block, with one ``basic.ack`` (``multiple``) up to
+the highest delivery tag below which nothing else is unsettled and single acks above it;
+``ack_many`` (a committed batch) is one such block.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import asyncio
 import functools
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import aio_pika
@@ -39,10 +43,10 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
-    AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
-from aiormq.abc import ChannelFrame
+from aiormq.abc import ChannelFrame, DeliveredMessage
 from pamqp import commands as amqp
 from pamqp.header import ContentHeader
 
@@ -97,8 +101,7 @@ def _user_headers(headers: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
-def _original_routing_key(message: AbstractIncomingMessage) -> str:
-    headers = message.headers or {}
+def _original_routing_key(headers: Mapping[str, Any], routing_key: str | None) -> str:
     if ORIGINAL_ROUTING_KEY in headers:
         return _text(headers[ORIGINAL_ROUTING_KEY])
     deaths = headers.get("x-death")
@@ -106,26 +109,36 @@ def _original_routing_key(message: AbstractIncomingMessage) -> str:
         keys = deaths[-1].get("routing-keys") or []  # the oldest death: where it was first sent
         if keys:
             return _text(keys[0])
-    return message.routing_key or ""
+    return routing_key or ""
+
+
+# How a settle request is written: ``None`` acks, ``True``/``False`` nacks with that requeue.
+_ACK = None
+_REQUEUE = True
 
 
 class _RabbitDelivery(Delivery):
+    """A delivery read straight from aiormq's frames (no aio-pika message object)."""
+
     def __init__(
         self,
-        message: AbstractIncomingMessage,
+        message: DeliveredMessage,
         queue: str,
         transport: RabbitMQTransport,
         subscription: _RabbitSubscription,
     ) -> None:
-        headers = message.headers or {}
-        self.routing_key = _original_routing_key(message)
+        deliver = message.delivery
+        properties = message.header.properties
+        headers = properties.headers or {}
+        self.routing_key = _original_routing_key(headers, deliver.routing_key)
         self.body = message.body
-        self.message_id = message.message_id or ""
-        self.headers = _user_headers(headers)
-        self.redelivered = bool(message.redelivered)
+        self.message_id = properties.message_id or ""
+        self.headers = _user_headers(headers) if headers else {}
+        self.redelivered = bool(deliver.redelivered)
         # quorum queues count earlier failed deliveries in x-delivery-count
         self.delivery_count = int(headers.get("x-delivery-count", 0) or 0) + 1
-        self._message = message
+        self.raw_headers: Mapping[str, Any] = headers
+        self.delivered_routing_key: str = deliver.routing_key or ""
         self._queue = queue
         self._transport = transport
         self._subscription = subscription
@@ -133,36 +146,24 @@ class _RabbitDelivery(Delivery):
         # the AMQP channel it came on: delivery tags count per channel (a new one after a
         # reconnect), so an ack always goes to the channel that delivered
         self.channel: aiormq.abc.AbstractChannel = message.channel
-        self.tag: int = message.delivery_tag or 0
+        self.tag: int = deliver.delivery_tag or 0
 
     async def ack(self) -> None:
-        await self._settle(lambda: self.channel.basic_ack(self.tag))
+        self._settle(_ACK)
 
     async def retry(self) -> None:
-        await self._settle(lambda: self.channel.basic_nack(self.tag, requeue=True))
+        self._settle(_REQUEUE)
 
     async def park(self, reason: str) -> None:
         if self._subscription.active and not self.settled:
-            await self._transport._park(self._queue, self._message, reason)
-        await self._settle(lambda: self.channel.basic_ack(self.tag))
+            await self._transport._park(self._queue, self, reason)
+        self._settle(_ACK)
 
-    async def _settle(self, settle: Callable[[], Awaitable[None]]) -> None:
+    def _settle(self, requeue: bool | None) -> None:
         if self.settled:
             return
         self.settled = True
-        # A cancelled subscription's channel is closing and the broker returns what it
-        # held: settling on it now would race the close (and a frame on a closed channel
-        # costs the whole connection), so leave it to the broker.
-        if not self._subscription.active:
-            return
-        try:
-            await settle()
-        except (aiormq.exceptions.ChannelInvalidStateError, aiormq.exceptions.AMQPError) as exc:
-            # The channel is gone: the broker has already returned the message to the queue.
-            log.info("transport.settle_on_closed_channel", error=type(exc).__name__)
-        finally:
-            # only once its frame is queued: a merged ack computed meanwhile stops below it
-            self._subscription.settled(self)
+        self._subscription.settle(self.channel, self.tag, requeue)
 
 
 PARKING_LOT_ARGUMENTS: Mapping[str, Any] = {"x-queue-type": "quorum"}
@@ -190,28 +191,195 @@ def queue_arguments(
 
 
 class _RabbitSubscription(Subscription):
-    def __init__(self, channel: AbstractChannel, queue: AbstractQueue) -> None:
+    """A consumer on its own channel, driven by aiormq's deliveries directly.
+
+    aio-pika's ``Queue.consume`` wraps every delivery in an ``IncomingMessage`` and runs
+    the callback in a second task; here aiormq's one task per delivery runs the handler.
+    The robust channel still reopens itself after a reconnect (restoring its QoS); the
+    consumer is then started again on the new channel (``_resume``), as it is when the
+    broker cancels it.
+
+    Settling is merged: acks and nacks asked for while the event loop runs one round are
+    written together at the end of it, as one block of frames (one ``send``), with a
+    ``multiple`` ack up to the highest tag below which nothing else is unsettled.
+    """
+
+    def __init__(
+        self,
+        channel: AbstractRobustChannel,
+        queue: str,
+        handler: Handler,
+        transport: RabbitMQTransport,
+        reconnect_interval: float,
+    ) -> None:
         self.channel = channel
         self.queue = queue
+        self._handler = handler
+        self._transport = transport
+        self._reconnect_interval = reconnect_interval
         self.tasks: set[asyncio.Task[Any]] = set()
         self.active = True
-        # delivery tags not yet settled, per AMQP channel (see ``ack_many``)
+        # delivery tags not yet settled, per AMQP channel (see ``_frames``)
         self.unsettled: dict[aiormq.abc.AbstractChannel, set[int]] = {}
+        # settle requests not yet handed to the connection's writer, in request order
+        self._requested: dict[aiormq.abc.AbstractChannel, list[tuple[int, bool | None]]] = {}
+        self._flush_scheduled = False
+        self._writing: asyncio.Future[None] | None = None  # a block waiting for the writer
+        self._consumer_channel: aiormq.abc.AbstractChannel | None = None
+        self._resuming: asyncio.Task[None] | None = None
 
-    def delivered(self, delivery: _RabbitDelivery) -> None:
+    async def start(self) -> None:
+        await self._consume_on(await self.channel.get_underlay_channel())
+        self.channel.reopen_callbacks.add(self._reopened)
+
+    async def _consume_on(self, underlay: aiormq.abc.AbstractChannel) -> None:
+        # entries of channels that are gone would only grow: the broker requeued those
+        self.unsettled = {c: t for c, t in self.unsettled.items() if not c.is_closed}
+        underlay.on_consumer_cancel_callbacks.add(self._cancelled_by_broker)
+        ok = await underlay.basic_consume(self.queue, self._on_message)
+        self._consumer_channel = underlay
+        self._consumer_tag = ok.consumer_tag
+
+    def _reopened(self, _channel: Any) -> None:
+        self._resume("reconnected")
+
+    def _cancelled_by_broker(self, frame: amqp.Basic.Cancel) -> None:
+        if frame.consumer_tag == getattr(self, "_consumer_tag", None):
+            self._resume("cancelled by the broker")
+
+    def _resume(self, why: str) -> None:
+        """Consume again on the channel the robust connection reopened (in a task: the
+        connection is ready only once every channel's reopen callbacks have returned)."""
+        if not self.active or (self._resuming is not None and not self._resuming.done()):
+            return
+        log.info("transport.consumer_resuming", queue=self.queue, why=why)
+        self._resuming = asyncio.get_running_loop().create_task(self._resume_until_consuming())
+
+    async def _resume_until_consuming(self) -> None:
+        while self.active:
+            try:
+                await self._consume_on(await self.channel.get_underlay_channel())
+                log.info("transport.consumer_resumed", queue=self.queue)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the broker is still away: try again
+                log.warning("transport.consumer_resume_failed", queue=self.queue,
+                            error=type(exc).__name__)
+                await asyncio.sleep(self._reconnect_interval)
+
+    async def _on_message(self, message: DeliveredMessage) -> None:
+        if not self.active:
+            # Delivered just before the cancel and not started yet: the channel's
+            # close returns it to the queue. Handling it now could overtake
+            # earlier messages the cancel interrupted (and that come back first).
+            return
+        delivery = _RabbitDelivery(message, self.queue, self._transport, self)
         self.unsettled.setdefault(delivery.channel, set()).add(delivery.tag)
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.add(task)
+        try:
+            await self._handler(delivery)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a handler bug must not kill the consumer: retry it
+            log.warning(
+                "transport.handler_raised",
+                queue=self.queue,
+                message_id=delivery.message_id,
+                error=type(exc).__name__,
+            )
+            await delivery.retry()
+        finally:
+            if task is not None:
+                self.tasks.discard(task)
 
-    def settled(self, delivery: _RabbitDelivery) -> None:
-        tags = self.unsettled.get(delivery.channel)
-        if tags is not None:
-            tags.discard(delivery.tag)
-            if not tags:
-                del self.unsettled[delivery.channel]
+    def settle(self, channel: aiormq.abc.AbstractChannel, tag: int, requeue: bool | None) -> None:
+        if not self.active:
+            # A cancelled subscription's channel is closing and the broker returns what it
+            # held: settling on it now would race the close (and a frame on a closed
+            # channel costs the whole connection), so leave it to the broker.
+            self._forget(channel, {tag})
+            return
+        self._requested.setdefault(channel, []).append((tag, requeue))
+        if not self._flush_scheduled and self._writing is None:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _forget(self, channel: aiormq.abc.AbstractChannel, tags: Iterable[int]) -> None:
+        unsettled = self.unsettled.get(channel)
+        if unsettled is not None:
+            unsettled.difference_update(tags)
+            if not unsettled:
+                del self.unsettled[channel]
+
+    def _flush(self) -> None:
+        """Hand every requested settle to the connection's writer, one block per channel.
+
+        Blocks are written strictly in the order they were made: a ``multiple`` ack that
+        overtook an earlier single ack of a tag below it would make that one unknown to the
+        broker, which closes the channel. So while a block waits for room in the writer's
+        queue, later requests wait for it."""
+        self._flush_scheduled = False
+        while self._requested and self._writing is None:
+            channel, requests = next(iter(self._requested.items()))
+            del self._requested[channel]
+            if channel.is_closed:
+                # The channel is gone: the broker has already returned the messages.
+                self._forget(channel, (tag for tag, _ in requests))
+                log.info("transport.settle_on_closed_channel", settles=len(requests))
+                continue
+            block = ChannelFrame.marshall(
+                channel_number=channel.number, frames=self._frames(channel, requests)
+            )
+            write_queue: asyncio.Queue[ChannelFrame] = channel.write_queue  # type: ignore[attr-defined]
+            try:
+                write_queue.put_nowait(block)
+            except asyncio.QueueFull:
+                self._writing = asyncio.ensure_future(write_queue.put(block))
+                self._writing.add_done_callback(self._written)
+
+    def _written(self, writing: asyncio.Future[None]) -> None:
+        self._writing = None
+        if not writing.cancelled() and writing.exception() is not None:
+            log.info("transport.settle_not_written", error=type(writing.exception()).__name__)
+        self._flush()
+
+    def _frames(
+        self, channel: aiormq.abc.AbstractChannel, requests: list[tuple[int, bool | None]]
+    ) -> list[Any]:
+        # nacks first: a ``multiple`` ack after them no longer covers their tags
+        frames: list[Any] = [
+            amqp.Basic.Nack(delivery_tag=tag, multiple=False, requeue=requeue)
+            for tag, requeue in requests
+            if requeue is not None
+        ]
+        acking = [tag for tag, requeue in requests if requeue is None]
+        self._forget(channel, (tag for tag, _ in requests))
+        # ``multiple`` acks every unsettled tag up to it: stop below the first tag that
+        # is not settled yet (its handler still has it)
+        first_other = min(self.unsettled.get(channel, ()), default=None)
+        below = [tag for tag in acking if first_other is None or tag < first_other]
+        if below:
+            frames.append(amqp.Basic.Ack(delivery_tag=max(below), multiple=True))
+        frames.extend(
+            amqp.Basic.Ack(delivery_tag=tag, multiple=False)
+            for tag in sorted(acking)
+            if first_other is not None and tag > first_other
+        )
+        return frames
 
     async def cancel(self) -> None:
         if not self.active:
             return
+        # settles already asked for go out before the channel's close
+        while self._writing is not None:
+            await asyncio.gather(self._writing, return_exceptions=True)
+        self._flush()
         self.active = False
+        if self._resuming is not None:
+            self._resuming.cancel()
         tasks = list(self.tasks)
         for task in tasks:
             task.cancel()
@@ -354,89 +522,27 @@ class RabbitMQTransport(Transport):
     async def consume(self, queue: str, handler: Handler, *, prefetch: int = 64) -> Subscription:
         channel = await self._conn().channel()
         await channel.set_qos(prefetch_count=max(1, prefetch))
-        amqp_queue = await channel.get_queue(queue, ensure=True)
-        subscription = _RabbitSubscription(channel, amqp_queue)
-
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            if not subscription.active:
-                # Delivered just before the cancel and not started yet: the channel's
-                # close returns it to the queue. Handling it now could overtake
-                # earlier messages the cancel interrupted (and that come back first).
-                return
-            delivery = _RabbitDelivery(message, queue, self, subscription)
-            subscription.delivered(delivery)
-            task = asyncio.current_task()
-            if task is not None:
-                subscription.tasks.add(task)
-            try:
-                await handler(delivery)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # a handler bug must not kill the consumer: retry it
-                log.warning(
-                    "transport.handler_raised",
-                    queue=queue,
-                    message_id=delivery.message_id,
-                    error=type(exc).__name__,
-                )
-                await delivery.retry()
-            finally:
-                if task is not None:
-                    subscription.tasks.discard(task)
-
-        await amqp_queue.consume(on_message)
+        await channel.get_queue(queue, ensure=True)  # a queue that is not there: an error now
+        subscription = _RabbitSubscription(
+            channel, queue, handler, self, reconnect_interval=self._reconnect_interval
+        )
+        await subscription.start()
         self._subscriptions.add(subscription)
         return subscription
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
-        by_channel: dict[
-            tuple[_RabbitSubscription, aiormq.abc.AbstractChannel], list[_RabbitDelivery]
-        ] = {}
         for delivery in deliveries:
             if not isinstance(delivery, _RabbitDelivery):
                 raise TypeError(f"not a RabbitMQ delivery: {type(delivery).__name__}")
-            if not delivery.settled:
-                by_channel.setdefault(
-                    (delivery._subscription, delivery.channel), []
-                ).append(delivery)
-        for (subscription, channel), group in by_channel.items():
-            await self._ack_group(subscription, channel, group)
+        # settles asked for in one go leave in one block (``_RabbitSubscription._flush``)
+        for delivery in deliveries:
+            await delivery.ack()
 
-    @staticmethod
-    async def _ack_group(
-        subscription: _RabbitSubscription,
-        channel: aiormq.abc.AbstractChannel,
-        group: list[_RabbitDelivery],
-    ) -> None:
-        for delivery in group:
-            delivery.settled = True
-        try:
-            if not subscription.active:
-                return  # the channel's close returns them (see ``_settle``)
-            acking = {d.tag for d in group}
-            others = subscription.unsettled.get(channel, set()) - acking
-            # ``multiple`` acks every unsettled tag up to it: stop below the first tag
-            # that is not ours (still being handled, or its own settle in flight)
-            first_other = min(others, default=None)
-            below = [t for t in acking if first_other is None or t < first_other]
-            singles = sorted(t for t in acking if first_other is not None and t > first_other)
-            try:
-                if below:
-                    await channel.basic_ack(max(below), multiple=True)
-                for tag in singles:
-                    await channel.basic_ack(tag)
-            except (aiormq.exceptions.ChannelInvalidStateError,
-                    aiormq.exceptions.AMQPError) as exc:
-                log.info("transport.settle_on_closed_channel", error=type(exc).__name__)
-        finally:
-            for delivery in group:
-                subscription.settled(delivery)
-
-    async def _park(self, queue: str, message: AbstractIncomingMessage, reason: str) -> None:
-        headers = dict(message.headers or {})
-        headers.setdefault(ORIGINAL_ROUTING_KEY, message.routing_key or "")
+    async def _park(self, queue: str, delivery: _RabbitDelivery, reason: str) -> None:
+        headers = dict(delivery.raw_headers)
+        headers.setdefault(ORIGINAL_ROUTING_KEY, delivery.delivered_routing_key)
         await self._publish_parked(
-            queue, Outgoing(queue, message.body, message.message_id or ""), headers, reason
+            queue, Outgoing(queue, delivery.body, delivery.message_id), headers, reason
         )
 
     async def park(self, queue: str, message: Outgoing, reason: str) -> None:
@@ -504,7 +610,7 @@ class RabbitMQTransport(Transport):
         return Parked(
             queue=queue,
             message_id=message.message_id or "",
-            routing_key=_original_routing_key(message),
+            routing_key=_original_routing_key(headers, message.routing_key),
             body=message.body,
             reason=reason,
             parked_at=parked_at,
@@ -532,7 +638,9 @@ class RabbitMQTransport(Transport):
                     message.message_id or "",
                     headers={
                         **_user_headers(message.headers or {}),
-                        ORIGINAL_ROUTING_KEY: _original_routing_key(message),
+                        ORIGINAL_ROUTING_KEY: _original_routing_key(
+                            message.headers or {}, message.routing_key
+                        ),
                     },
                 )
                 # The default exchange delivers to exactly this queue, not to every

@@ -85,3 +85,22 @@ async def test_ack_many_skips_settled_deliveries(transport: Transport, unique: s
 
 async def _depth_is(transport: Transport, queue: str, count: int) -> bool:
     return await depth(transport, queue) == count
+
+
+async def test_acks_and_retries_asked_for_together_settle_each_one(
+    transport: Transport, unique: str
+) -> None:
+    queue = f"q-{unique}"
+    await transport.declare_queue(queue, ["work.#"])
+    await transport.publish([out("work.x", n) for n in range(1, 7)])
+    held = Recorder(_hold)
+    sub = await transport.consume(queue, held, prefetch=10)
+    deliveries = {d.message_id: d for d in await held.wait_for(6)}
+    # one round of the event loop: merged into one block on RabbitMQ, m6 still in hand
+    await asyncio.gather(deliveries["m1"].ack(), deliveries["m2"].ack(),
+                         deliveries["m3"].retry(), deliveries["m4"].ack(),
+                         deliveries["m5"].ack())
+    again = (await held.wait_for(7))[6]
+    assert again.message_id == "m3" and again.redelivered
+    await sub.cancel()
+    await eventually(lambda: _depth_is(transport, queue, 2))  # m3 (again unsettled) and m6
