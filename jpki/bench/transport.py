@@ -6,6 +6,9 @@
 - RabbitMQ: persistent publishes into a quorum queue with publisher confirms (batches in
   flight at once), then consume + ack of all of them, then both at once in one process.
 
+Next to each rate: this process's CPU time per message (user + system), which the load
+of a shared machine changes far less than the rate.
+
 Each RabbitMQ run uses its own exchanges and queue and deletes them afterwards.
 """
 
@@ -33,8 +36,27 @@ class Probe(msgspec.Struct, frozen=True):
     n: int
 
 
-async def _drain(transport: Transport, queue: str, count: int, prefetch: int) -> float:
-    """Consume and ack ``count`` messages; returns the seconds it took."""
+class Measured:
+    """Messages per second and this process's CPU microseconds per message of a phase."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._wall = time.perf_counter()
+        self._cpu = time.process_time()
+        self.rate = 0.0
+        self.cpu_us = 0.0
+
+    def stop(self) -> Measured:
+        self.rate = self.count / (time.perf_counter() - self._wall)
+        self.cpu_us = 1e6 * (time.process_time() - self._cpu) / self.count
+        return self
+
+    def __str__(self) -> str:
+        return f"{self.rate:>10,.0f} msg/s {self.cpu_us:>8,.1f} µs CPU/msg"
+
+
+async def _drain(transport: Transport, queue: str, count: int, prefetch: int) -> None:
+    """Consume and ack ``count`` messages."""
     done = asyncio.Event()
     seen = 0
 
@@ -45,16 +67,12 @@ async def _drain(transport: Transport, queue: str, count: int, prefetch: int) ->
         if seen == count:
             done.set()
 
-    started = time.perf_counter()
     subscription = await transport.consume(queue, ack, prefetch=prefetch)
     await done.wait()
-    elapsed = time.perf_counter() - started
     await subscription.cancel()
-    return elapsed
 
 
-async def _publish(transport: Transport, count: int, batch: int, tag: str) -> float:
-    started = time.perf_counter()
+async def _publish(transport: Transport, count: int, batch: int, tag: str) -> None:
     for start in range(0, count, batch):
         await transport.publish(
             [
@@ -62,18 +80,17 @@ async def _publish(transport: Transport, count: int, batch: int, tag: str) -> fl
                 for n in range(start, min(count, start + batch))
             ]
         )
-    return time.perf_counter() - started
 
 
-async def bench_inprocess(count: int) -> dict[str, float]:
+async def bench_inprocess(count: int) -> dict[str, Measured]:
     transport = InProcessTransport()
     await transport.connect()
     await transport.declare_queue("bench", ["bench.#"])
+    raw = Measured(count)
     draining = asyncio.create_task(_drain(transport, "bench", count, 256))
-    started = time.perf_counter()
     await _publish(transport, count, 100, "raw")
     await draining
-    raw = count / (time.perf_counter() - started)
+    raw.stop()
 
     bus = Bus(transport)
     done = asyncio.Event()
@@ -87,17 +104,17 @@ async def bench_inprocess(count: int) -> dict[str, float]:
 
     await transport.declare_queue("bench.bus", ["bench.cmd.#"])
     subscription = await bus.subscribe("bench.bus", handle, prefetch=256)
-    started = time.perf_counter()
+    typed = Measured(count)
     for start in range(0, count, 100):
         await bus.publish(*(build(Probe(n)) for n in range(start, min(count, start + 100))))
     await done.wait()
-    typed = count / (time.perf_counter() - started)
+    typed.stop()
     await subscription.cancel()
     await transport.close()
     return {"raw": raw, "bus": typed}
 
 
-async def bench_rabbitmq(amqp_url: str, count: int, batch: int) -> dict[str, float]:
+async def bench_rabbitmq(amqp_url: str, count: int, batch: int) -> dict[str, Measured]:
     from infra.transport.rabbitmq import RabbitMQTransport
 
     tag = uuid.uuid4().hex[:8]
@@ -111,13 +128,17 @@ async def bench_rabbitmq(amqp_url: str, count: int, batch: int) -> dict[str, flo
     queue = f"bench-{tag}"
     try:
         await transport.declare_queue(queue, ["bench.#"])
-        publish = count / await _publish(transport, count, batch, "p")
-        consume = count / await _drain(transport, queue, count, 512)
+        publish = Measured(count)
+        await _publish(transport, count, batch, "p")
+        publish.stop()
+        consume = Measured(count)
+        await _drain(transport, queue, count, 512)
+        consume.stop()
+        both = Measured(count)
         draining = asyncio.create_task(_drain(transport, queue, count, 512))
-        started = time.perf_counter()
         await _publish(transport, count, batch, "b")
         await draining
-        both = count / (time.perf_counter() - started)
+        both.stop()
     finally:
         await transport.delete_topology()
         await transport.close()
@@ -148,10 +169,10 @@ def transport_bench(backend: str, count: int, batch: int, amqp_url: str) -> None
     )
     if backend in ("inprocess", "both"):
         rates = asyncio.run(bench_inprocess(count))
-        click.echo(f"in-process raw   publish+consume+ack   {rates['raw']:>10,.0f} msg/s")
-        click.echo(f"in-process bus   typed publish+handle  {rates['bus']:>10,.0f} msg/s")
+        click.echo(f"in-process raw   publish+consume+ack   {rates['raw']}")
+        click.echo(f"in-process bus   typed publish+handle  {rates['bus']}")
     if backend in ("rabbitmq", "both"):
         rates = asyncio.run(bench_rabbitmq(amqp_url, count, batch))
-        click.echo(f"RabbitMQ publish persistent+confirmed  {rates['publish']:>10,.0f} msg/s")
-        click.echo(f"RabbitMQ consume+ack                   {rates['consume']:>10,.0f} msg/s")
-        click.echo(f"RabbitMQ publish and consume at once   {rates['both']:>10,.0f} msg/s")
+        click.echo(f"RabbitMQ publish persistent+confirmed  {rates['publish']}")
+        click.echo(f"RabbitMQ consume+ack                   {rates['consume']}")
+        click.echo(f"RabbitMQ publish and consume at once   {rates['both']}")
