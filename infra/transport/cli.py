@@ -18,6 +18,7 @@ import click
 import msgspec
 
 from infra.bus import GATEWAY_QUEUE, SERVICE_QUEUES
+from infra.logging import configure_logging
 from infra.mqtt import phone_password, read_phone_secret
 from infra.transport.base import DEFAULT_DELIVERY_LIMIT, Parked, TransportError
 from infra.transport.definitions import broker_users, definitions_json, topology_definitions
@@ -87,6 +88,8 @@ def _with_transport(
 @click.group()
 def ops() -> None:
     """Operator commands."""
+    # the answer goes to stdout, warnings (a slow broker) to stderr: scripts read stdout
+    configure_logging("ops", level="WARNING")
 
 
 @ops.group()
