@@ -74,18 +74,18 @@ class CommandAPDU(msgspec.Struct, frozen=True):
         if n < 4:
             raise MalformedAPDU(f"command APDU shorter than its header ({n} bytes)")
         cla, ins, p1, p2 = raw[0], raw[1], raw[2], raw[3]
-        body = raw[4:]
-        if not body:  # case 1
+        if n == 4:  # case 1
             return cls(cla, ins, p1, p2)
-        if len(body) == 1:  # case 2 short
-            return cls(cla, ins, p1, p2, le=body[0] or 256)
-        if body[0] != 0:  # short lc
-            lc = body[0]
-            if len(body) == 1 + lc:  # case 3 short
-                return cls(cla, ins, p1, p2, data=bytes(body[1:]))
-            if len(body) == 2 + lc:  # case 4 short
-                return cls(cla, ins, p1, p2, data=bytes(body[1 : 1 + lc]), le=body[-1] or 256)
-            raise MalformedAPDU(f"Lc {lc} does not match {len(body) - 1} bytes of body")
+        if n == 5:  # case 2 short
+            return cls(cla, ins, p1, p2, le=raw[4] or 256)
+        lc = raw[4]
+        if lc:  # short Lc: sliced from ``raw`` directly (a body copy costs a data copy more)
+            if n == 5 + lc:  # case 3 short
+                return cls(cla, ins, p1, p2, data=bytes(raw[5:]))
+            if n == 6 + lc:  # case 4 short
+                return cls(cla, ins, p1, p2, data=bytes(raw[5 : 5 + lc]), le=raw[-1] or 256)
+            raise MalformedAPDU(f"Lc {lc} does not match {n - 5} bytes of body")
+        body = raw[4:]
         # body[0] == 0 and more than one byte: extended length.
         if len(body) == 3:  # case 2 extended
             le = int.from_bytes(body[1:3], "big") or 65536

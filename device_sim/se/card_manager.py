@@ -261,12 +261,7 @@ class _OpenChannel:
     pending: CardAwaitingAuthentication | None
     session: CardSession | None = None
     context: CommandContext | None = None  # what the applet is told, once authenticated
-
-    @property
-    def security_level(self) -> int:
-        return int(self.session.security_level) if self.session is not None else 0
-
-
+    security_level: int = 0  # the session's, as a plain int (read for every command)
 
 
 @dataclass(slots=True)
@@ -411,6 +406,7 @@ class CardManager:
             raise _refuse(StatusWord.CONDITIONS_NOT_SATISFIED, "EXTERNAL AUTHENTICATE out of order")
         pending, channel.pending = channel.pending, None
         channel.session = pending.external_authenticate(command)  # raises: bad cryptogram
+        channel.security_level = int(channel.session.security_level)
         channel.context = CommandContext(secure=True, security_level=channel.security_level)
         log.debug("card_manager.session_open", level=f"{channel.security_level:02X}")
         return ResponseAPDU.status(StatusWord.OK)

@@ -33,6 +33,7 @@ from protocol.apdu import CommandAPDU, ResponseAPDU
 from protocol.errors import JpkiError, MalformedAPDU, StatusWord
 
 STATE_FORMAT = 1
+_WRONG_LENGTH = ResponseAPDU.status(StatusWord.WRONG_LENGTH).to_bytes()
 DEFAULT_IIN = bytes.fromhex("42")  # placeholder issuer identification number
 # The SP-TSM's security domain on every simulated phone (an AID of our own).
 SP_SD_AID = bytes.fromhex("A000000151535054534D")
@@ -105,8 +106,9 @@ class SecureElement:
         try:
             command = CommandAPDU.from_bytes(apdu)
         except MalformedAPDU:
-            return ResponseAPDU.status(StatusWord.WRONG_LENGTH).to_bytes()
-        return self.manager.process(command).to_bytes()
+            return _WRONG_LENGTH
+        response = self.manager.process(command)
+        return response.data + response.sw.to_bytes(2, "big")
 
     def run_script(self, script: Iterable[ScriptCommand]) -> ScriptOutcome:
         """Run the steps in order; stop at the first unexpected SW.

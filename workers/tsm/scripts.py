@@ -23,7 +23,7 @@ import enum
 import os
 import string
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgspec
 from cryptography.exceptions import InvalidSignature
@@ -278,14 +278,16 @@ def plan_rotate(current_kvn: int, new_kvn: int, dek: bytes, new_keys: StaticKeys
 # ------------------------------------------------------------------------------- sessions
 
 
-@dataclass(frozen=True, slots=True)
-class SeAccess:
+class SeAccess(msgspec.Struct, frozen=True):
     """What the TSM needs to open a session with one SE's security domain."""
 
-    keys: StaticKeys = field(repr=False)
+    keys: StaticKeys
     key_version: int
     kdd: bytes
     sd_aid: bytes = SP_SD_AID
+
+    def __repr__(self) -> str:
+        return f"SeAccess(kvn={self.key_version:02X}, kdd={self.kdd.hex().upper()}, <keys>)"
 
 
 class WireStep(msgspec.Struct, frozen=True):
