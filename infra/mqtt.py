@@ -30,9 +30,11 @@ import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
+import paho.mqtt.client as mqtt
 import structlog
 
 from infra.bus import InvalidDeviceId, RetryBackoff, check_device_id, check_from_phone
@@ -50,6 +52,8 @@ QOS = 1
 # named by this variable; the deployment writes the broker's password file from it.
 PHONE_SECRET_FILE_ENV = "JPKI_MQTT_PHONE_SECRET_FILE"  # noqa: S105 - a variable's name
 
+# A handler returns a coroutine (run as a task when pipelined) or a future it completes
+# itself, which saves the task: the gateway's up path hands each message to a batch.
 RawHandler = Callable[[aiomqtt.Message], Awaitable[None]]
 
 
@@ -150,9 +154,10 @@ class MqttSession:
         self._rng = rng or random.Random()
         self._publish_timeout = publish_timeout
         self._client: aiomqtt.Client | None = None
-        self._lost = asyncio.Event()  # set when the current connection goes away
+        # publishes of the current connection waiting for their PUBACK, by packet id
+        self._pubacks: dict[int, tuple[asyncio.Future[None], asyncio.TimerHandle]] = {}
         self._task: asyncio.Task[None] | None = None
-        self._handlers: set[asyncio.Task[None]] = set()
+        self._handlers: set[asyncio.Future[None]] = set()
         self._closing = False
         self.connected = asyncio.Event()
         self.connections = 0  # how many times a session was (re)established
@@ -246,8 +251,9 @@ class MqttSession:
         # aiomqtt has no manual-ack switch; its paho client does. Acking after handling
         # is what makes QoS 1 at-least-once through a crash.
         client._client.manual_ack_set(True)
-        # A pipelined gateway keeps many publishes waiting for PUBACK on purpose.
-        client.pending_calls_threshold = max(10, 2 * self._max_inflight)
+        # PUBACKs complete this session's own futures (``publish``): aiomqtt's publish
+        # costs three tasks and a scan of every pending call per message.
+        client._client.on_publish = self._on_puback
         return client
 
     async def _run(self) -> None:
@@ -259,7 +265,6 @@ class MqttSession:
                     for topic in self._subscriptions:
                         await client.subscribe(topic, qos=QOS)
                     self._client = client
-                    self._lost = asyncio.Event()
                     self._unacked = 0  # the broker resends the last connection's unacked
                     self._all_acked.set()
                     attempt = 0
@@ -272,7 +277,7 @@ class MqttSession:
             finally:
                 self.connected.clear()
                 self._client = None
-                self._lost.set()
+                self._fail_pubacks("connection lost")
             attempt += 1
             await asyncio.sleep(self._backoff.delay(attempt, self._rng))
 
@@ -283,29 +288,48 @@ class MqttSession:
                 await self._handle(message)
                 self._ack(client, message)
             return
-        in_order: asyncio.Queue[tuple[aiomqtt.Message, asyncio.Task[None]]] = asyncio.Queue(
+        in_order: asyncio.Queue[tuple[aiomqtt.Message, asyncio.Future[None]]] = asyncio.Queue(
             self._max_inflight
         )
         acker = asyncio.create_task(self._ack_in_order(client, in_order))
         try:
             async for message in client.messages:
                 self._received()
-                task = asyncio.create_task(self._handle(message))
-                self._handlers.add(task)
-                task.add_done_callback(self._handlers.discard)
-                await in_order.put((message, task))
+                await in_order.put((message, self._start(message)))
         finally:
             acker.cancel()
             await asyncio.gather(acker, return_exceptions=True)
 
+    def _start(self, message: aiomqtt.Message) -> asyncio.Future[None]:
+        """Start handling ``message``: a coroutine runs as a task, a future is kept as is."""
+        handling: asyncio.Future[None] | None = None
+        try:
+            if self._on_message is not None:
+                handling = asyncio.ensure_future(self._on_message(message))
+        except Exception as exc:  # a handler that fails before it returns its future
+            self._handler_failed(message, exc)
+        if handling is None:
+            handling = asyncio.get_running_loop().create_future()
+            handling.set_result(None)
+            return handling
+        self._handlers.add(handling)
+        handling.add_done_callback(self._handlers.discard)
+        return handling
+
     async def _ack_in_order(
         self,
         client: aiomqtt.Client,
-        in_order: asyncio.Queue[tuple[aiomqtt.Message, asyncio.Task[None]]],
+        in_order: asyncio.Queue[tuple[aiomqtt.Message, asyncio.Future[None]]],
     ) -> None:
         while True:
-            message, task = await in_order.get()
-            await asyncio.shield(task)
+            message, handling = await in_order.get()
+            if not handling.done():
+                await asyncio.wait((handling,))
+            if handling.cancelled():
+                return  # the session is closing: the broker resends what was not acked
+            failure = handling.exception()
+            if failure is not None:
+                self._handler_failed(message, failure)
             self._ack(client, message)
 
     async def _handle(self, message: aiomqtt.Message) -> None:
@@ -316,12 +340,15 @@ class MqttSession:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.error(
-                "mqtt.handler_failed",
-                client_id=self.identifier,
-                topic=message.topic.value,
-                error=type(exc).__name__,
-            )
+            self._handler_failed(message, exc)
+
+    def _handler_failed(self, message: aiomqtt.Message, exc: BaseException) -> None:
+        log.error(
+            "mqtt.handler_failed",
+            client_id=self.identifier,
+            topic=message.topic.value,
+            error=type(exc).__name__,
+        )
 
     def _received(self) -> None:
         self._unacked += 1
@@ -341,32 +368,51 @@ class MqttSession:
         while True:
             if self._closing:
                 raise TransportError("MQTT session is closed")
-            await self.connected.wait()
-            client, lost = self._client, self._lost
+            client = self._client
             if client is None:
+                await self.connected.wait()
                 continue
-            # A PUBACK that cannot come (the connection dropped) must not hold us for the
-            # whole timeout: race the publish against the loss of its connection.
-            publishing = asyncio.ensure_future(client.publish(topic, payload, qos=QOS))
-            losing = asyncio.ensure_future(lost.wait())
-            done, _ = await asyncio.wait(
-                {publishing, losing},
-                timeout=self._publish_timeout,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            losing.cancel()
-            if publishing in done:
-                failure = publishing.exception()
-                if failure is None:
-                    return
-                error = type(failure).__name__
-            else:
-                publishing.cancel()
-                await asyncio.gather(publishing, return_exceptions=True)
-                error = "connection lost or no PUBACK in time"
+            try:
+                await self._send(client, topic, payload)
+                return
+            except TransportError as exc:
+                error = str(exc)
             attempt += 1
             log.warning("mqtt.publish_retry", client_id=self.identifier, error=error)
             await asyncio.sleep(self._backoff.delay(attempt, self._rng))
+
+    def _send(self, client: aiomqtt.Client, topic: str, payload: bytes) -> asyncio.Future[None]:
+        """Hand one QoS 1 publish to paho; the future ends with its PUBACK, or fails when
+        the connection goes (``_fail_pubacks``) or no PUBACK came in time."""
+        loop = asyncio.get_running_loop()
+        puback: asyncio.Future[None] = loop.create_future()
+        info = client._client.publish(topic, payload, QOS)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            puback.set_exception(TransportError(f"publish refused: {mqtt.error_string(info.rc)}"))
+        else:
+            overdue = loop.call_later(self._publish_timeout, self._puback_overdue, info.mid)
+            self._pubacks[info.mid] = (puback, overdue)
+        return puback
+
+    def _on_puback(self, _client: Any, _userdata: Any, mid: int, *_reason: Any) -> None:
+        waiting = self._pubacks.pop(mid, None)
+        if waiting is not None:
+            puback, overdue = waiting
+            overdue.cancel()
+            if not puback.done():
+                puback.set_result(None)
+
+    def _puback_overdue(self, mid: int) -> None:
+        waiting = self._pubacks.pop(mid, None)
+        if waiting is not None and not waiting[0].done():
+            waiting[0].set_exception(TransportError("no PUBACK in time"))
+
+    def _fail_pubacks(self, why: str) -> None:
+        waiting, self._pubacks = self._pubacks, {}
+        for puback, overdue in waiting.values():
+            overdue.cancel()
+            if not puback.done():
+                puback.set_exception(TransportError(why))
 
 
 class MqttPhoneLink(PhoneLink):

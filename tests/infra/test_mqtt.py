@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 import aiomqtt
 import msgspec
 import pytest
+from structlog.testing import capture_logs
 
 from infra.bus import ForeignMessage, InvalidDeviceId, RetryBackoff
 from infra.mqtt import (
@@ -234,6 +235,8 @@ class CuttableProxy:
         self.target = (host, port)
         self.writers: list[asyncio.StreamWriter] = []
         self.server: asyncio.Server | None = None
+        self.answering = asyncio.Event()  # cleared: the broker's bytes wait in the proxy
+        self.answering.set()
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -243,9 +246,13 @@ class CuttableProxy:
         up_reader, up_writer = await asyncio.open_connection(*self.target)
         self.writers += [writer, up_writer]
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def pipe(
+            src: asyncio.StreamReader, dst: asyncio.StreamWriter, *, answers: bool = False
+        ) -> None:
             try:
                 while data := await src.read(65536):
+                    if answers:
+                        await self.answering.wait()
                     dst.write(data)
                     await dst.drain()
             except (ConnectionError, OSError):
@@ -253,7 +260,7 @@ class CuttableProxy:
             finally:
                 dst.close()
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer, answers=True))
 
     def cut(self) -> None:
         for writer in self.writers:
@@ -293,6 +300,44 @@ async def test_session_reconnects_with_backoff_and_loses_nothing(
         assert sorted({m.body.n for m in got}) == list(range(30))
         assert link._session is not None and link._session.connections >= 2
     finally:
+        await sender.close()
+        await link.close(forget=True)
+        await proxy.close()
+
+
+@pytest.mark.mqtt
+async def test_a_publish_without_puback_in_time_is_sent_again(mqtt_url: str, unique: str) -> None:
+    broker = urlsplit(mqtt_url)
+    proxy = CuttableProxy(broker.hostname or "127.0.0.1", broker.port or 1883)
+    port = await proxy.start()
+    device = f"dev-{unique}"
+    phone = Phone()
+    link = MqttPhoneLink(mqtt_url, device, backoff=FAST, rng=random.Random(1))
+    sender = MqttSession(
+        f"mqtt://127.0.0.1:{port}",
+        identifier=f"test-sender-{unique}",
+        backoff=FAST,
+        clean_session=True,
+        publish_timeout=0.3,
+    )
+    await link.start(phone)
+    await sender.start()
+    try:
+        proxy.answering.clear()  # the PUBACK does not come back (the connection stays up)
+        with capture_logs() as logs:
+            publishing = asyncio.create_task(
+                sender.publish(down_topic(device), encode(build(Show(1), device_id=device)))
+            )
+            await asyncio.sleep(1.0)
+            assert not publishing.done()
+            retries = [e for e in logs if e["event"] == "mqtt.publish_retry"]
+            assert retries and retries[0]["error"] == "no PUBACK in time"
+            proxy.answering.set()
+            await asyncio.wait_for(publishing, 10)
+        got = await phone.wait_for(1)
+        assert {m.body.n for m in got} == {1}  # sent more than once, the same message
+    finally:
+        proxy.answering.set()
         await sender.close()
         await link.close(forget=True)
         await proxy.close()
