@@ -3,7 +3,10 @@
 Up (phone to back end): every gateway subscribes to ``$share/jpki-gateway/<root>/+/up``,
 so the broker gives each message to one gateway of the group. The gateway validates the
 envelope (it must decode, be a type a phone may send, and name the device of its topic)
-and republishes the phone's bytes unchanged on AMQP under the envelope type. It
+and republishes the phone's bytes unchanged on AMQP under the envelope type. What
+arrives while a batch waits for RabbitMQ's confirms forms the next batch, published as
+one block of frames: a busy gateway writes many messages per ``send``, an idle one adds
+no delay, and with one batch in flight each device's messages keep their order. It
 acknowledges the MQTT message only after RabbitMQ confirmed the publish; while the bus
 is unreachable it keeps retrying, and MQTT's flow control holds the phones back. A
 payload that fails validation is parked in the ``gateway.up`` parking lot with its reason
@@ -101,7 +104,10 @@ class Gateway:
         self._backoff = backoff or RetryBackoff(base=0.1, cap=5.0)
         self._rng = rng or random.Random()
         self._order_down = PerKeyOrder()
-        self._order_up = PerKeyOrder()
+        # up messages waiting for the next batch: what to publish, its MQTT topic, and the
+        # future that completes (and lets the MQTT message be acked) once it is confirmed
+        self._up_waiting: list[tuple[Outgoing, str, asyncio.Future[None]]] = []
+        self._up_publisher: asyncio.Task[None] | None = None
         self._subscriptions: list[Subscription] = []
         self._mqtt = MqttSession(
             mqtt_url,
@@ -141,33 +147,65 @@ class Gateway:
             await self._mqtt.retire()
         else:
             await self._mqtt.close(forget=forget)
+        if self._up_publisher is not None:  # a retire that drained left nothing to it
+            self._up_publisher.cancel()
+            await asyncio.gather(self._up_publisher, return_exceptions=True)
         log.info("gateway.stopped", gateway=self.name)
 
     # --- up: phone -> AMQP -------------------------------------------------------------
 
-    async def _from_phone(self, message: aiomqtt.Message) -> None:
-        topic = message.topic.value
+    def _from_phone(self, message: aiomqtt.Message) -> asyncio.Future[None]:
         payload = message.payload
         raw = payload if isinstance(payload, bytes) else str(payload).encode()
-        await self._forward_up(topic, raw)
+        return self._forward_up(message.topic.value, raw)
 
-    async def _forward_up(self, topic: str, raw: bytes) -> None:
+    def _forward_up(self, topic: str, raw: bytes) -> asyncio.Future[None]:
+        """Check a phone's message and queue it for the next batch; the future completes
+        once RabbitMQ confirmed it (or it was parked)."""
         try:
             device_id = device_of(topic, self._root)
             message = check_from_phone(decode(raw), device_id)
         except JpkiError as exc:  # InvalidMessage, ForeignMessage, InvalidDeviceId
-            await self._park_up(topic, raw, f"{type(exc).__name__}: {exc}")
-            return
+            return asyncio.ensure_future(self._park_up(topic, raw, f"{type(exc).__name__}: {exc}"))
         envelope = message.envelope
-        outgoing = Outgoing(envelope.type, raw, envelope.message_id)
-        async with self._order_up.turn(device_id):
-            try:
-                await self._until_published(outgoing)
-            except Unroutable as exc:
-                await self._park_up(topic, raw, f"Unroutable: {exc}")
-                return
-        self.stats.up += 1
-        metrics.GATEWAY_FORWARDED.labels("up").inc()
+        published: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._up_waiting.append((Outgoing(envelope.type, raw, envelope.message_id), topic,
+                                 published))
+        if self._up_publisher is None:
+            self._up_publisher = asyncio.create_task(self._publish_up())
+        return published
+
+    async def _publish_up(self) -> None:
+        batch: list[tuple[Outgoing, str, asyncio.Future[None]]] = []
+        try:
+            while self._up_waiting:
+                batch, self._up_waiting = self._up_waiting, []
+                await self._publish_batch(batch)
+                for _, _, published in batch:
+                    if not published.done():  # a closed MQTT session gave up on it
+                        published.set_result(None)
+                batch = []
+        finally:
+            self._up_publisher = None
+            for _, _, published in batch + self._up_waiting:
+                published.cancel()  # unacked on MQTT: the broker hands it over again
+            self._up_waiting = []
+
+    async def _publish_batch(self, batch: list[tuple[Outgoing, str, asyncio.Future[None]]]) -> None:
+        outgoing = [item[0] for item in batch]
+        try:
+            await self._retrying(lambda: self._transport.publish(outgoing))
+        except Unroutable:
+            # which message has no queue is not told: publish them one by one (those
+            # already confirmed go twice; receivers de-duplicate by message id)
+            for one, topic, _ in batch:
+                try:
+                    await self._retrying(lambda one=one: self._transport.publish([one]))
+                except Unroutable as exc:
+                    await self._park_up(topic, one.body, f"Unroutable: {exc}")
+                    outgoing.remove(one)
+        self.stats.up += len(outgoing)
+        metrics.GATEWAY_FORWARDED.labels("up").inc(len(outgoing))
 
     async def _park_up(self, topic: str, raw: bytes, reason: str) -> None:
         log.warning("gateway.up_refused", topic=topic, reason=reason)
@@ -175,9 +213,6 @@ class Gateway:
         await self._retrying(lambda: self._transport.park(self.up_queue, parked, reason))
         self.stats.parked += 1
         metrics.PARKED.labels(self.up_queue, "invalid").inc()
-
-    async def _until_published(self, outgoing: Outgoing) -> None:
-        await self._retrying(lambda: self._transport.publish([outgoing]))
 
     async def _retrying(self, operation: Callable[[], Awaitable[None]]) -> None:
         """Keep trying while the broker is away: the phone's message waits unacked."""

@@ -93,3 +93,57 @@ async def test_unconfirmed_up_message_survives_a_gateway_crash(mqtt_url: str, un
     finally:
         await phone.close(forget=True)
         await revived.stop(forget=True)
+
+
+class SlowConfirms(InProcessTransport):
+    """An in-process bus whose confirms take a while, like a broker's; counts publishes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+
+    async def publish(self, messages: Sequence[Outgoing]) -> None:
+        self.batches.append(len(messages))
+        await asyncio.sleep(0.02)
+        await super().publish(messages)
+
+
+async def test_up_messages_go_out_in_batches_each_device_in_order(
+    mqtt_url: str, unique: str
+) -> None:
+    root, group = f"jpki-test-{unique}/dev", f"gw-{unique}"
+    bus = SlowConfirms()
+    await bus.connect()
+    await bus.declare_queue("orchestrator", ["app.event.#"])
+    got: list[Message] = []
+    await Bus(bus).subscribe("orchestrator", lambda message: _append(got, message))
+    gateway = Gateway(bus, mqtt_url, name=f"g-{unique}", topic_root=root, share_group=group,
+                      backoff=FAST)
+    await gateway.start()
+    phones = [MqttPhoneLink(mqtt_url, f"batch-{unique}-{p}", topic_root=root, backoff=FAST)
+              for p in range(10)]
+    try:
+        for phone in phones:
+            await phone.start(lambda message: asyncio.sleep(0))
+
+        async def send_five(phone: MqttPhoneLink) -> None:
+            for n in range(5):
+                await phone.send(build(Tapped(n), device_id=phone.device_id))
+
+        await asyncio.gather(*(send_five(phone) for phone in phones))
+        async with asyncio.timeout(15):
+            while len({m.envelope.message_id for m in got}) < 50:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+    finally:
+        for phone in phones:
+            await phone.close(forget=True)
+        await gateway.stop(forget=True)
+    for phone in phones:
+        sent = [m.body.n for m in got if m.envelope.device_id == phone.device_id]
+        assert sent == sorted(sent) and set(sent) == set(range(5))
+    assert gateway.stats.up == 50
+    assert len(bus.batches) < 50 and max(bus.batches) > 1  # several messages per publish
+
+
+async def _append(got: list[Message], message: Message) -> None:
+    got.append(message)
