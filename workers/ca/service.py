@@ -340,7 +340,11 @@ def _changes(changes: list[StatusChange]) -> list[m.StatusChange]:
 
 class PresigningInboxConsumer(InboxConsumer):
     """The inbox consumer, with each batch's issue commands signed (``CaService.presign``)
-    before the batch's transaction opens."""
+    before the batch's transaction opens.
+
+    ``InboxConsumer`` has no step before its transaction, so this wraps its ``_commit``
+    (the transaction of one batch, retried alone on failure): presign, then commit, then
+    forget whatever was signed for messages that were not stored."""
 
     def __init__(
         self,
