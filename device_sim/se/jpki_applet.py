@@ -401,7 +401,7 @@ class JpkiApplet:
             certificate = x509.load_der_x509_certificate(der)
         except ValueError:
             return _status(StatusWord.WRONG_DATA)
-        key_ef = KEY_FOR_CERT.get(jpki.EF(ef))
+        key_ef = KEY_FOR_CERT.get(ef)  # EF is an IntEnum: its members are their int keys
         if key_ef is not None:
             key = self._keys.get(key_ef)
             if key is None:

@@ -126,6 +126,9 @@ def kdf(key: AesKey, constant: int, context: bytes, bits: int) -> bytes:
     """SCP03 data derivation, GP Amd D §4.1.5: NIST SP 800-108 KDF in counter mode with
     AES-CMAC as PRF. Fixed input per iteration i: label (11 × '00' ‖ constant) ‖ '00'
     separator ‖ L (2 bytes, in bits) ‖ i (1 byte) ‖ context. Output is the first L bits."""
+    prefix = _KDF_FIRST_BLOCK.get((constant, bits))
+    if prefix is not None:  # one CMAC block of output, the case of every SCP03 derivation
+        return key.cmac(prefix + context)[: bits // 8]
     if bits <= 0 or bits % 8 or bits > 0xFFFF:
         raise SecureChannelError(f"KDF output length {bits} bits is not supported")
     prefix = bytes(11) + bytes((constant, 0)) + bits.to_bytes(2, "big")
@@ -137,6 +140,15 @@ def kdf(key: AesKey, constant: int, context: bytes, bits: int) -> bytes:
         return key.cmac(prefix + b"\x01" + context)[:n_bytes]
     out = b"".join(key.cmac(prefix + bytes((i,)) + context) for i in range(1, blocks + 1))
     return out[:n_bytes]
+
+
+# The fixed input up to the counter, counter 1 included, of the derivations of at most one
+# block: SCP03's constants 00-07 at 64 and 128 bits (cryptograms, challenges, AES-128 keys).
+_KDF_FIRST_BLOCK = {
+    (constant, bits): bytes(11) + bytes((constant, 0)) + bits.to_bytes(2, "big") + b"\x01"
+    for constant in range(8)
+    for bits in (64, 128)
+}
 
 
 def pad_m2(data: bytes) -> bytes:

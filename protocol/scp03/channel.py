@@ -110,17 +110,19 @@ class MessagingCore:
             body = self._keys.s_enc.cbc_encrypt_with_encrypted_iv(
                 self._counter_block(counter, False), pad_m2(body)
             )
-        lc = len(body) + self.mac_len
+        mac_len = self.mac_len
+        lc = len(body) + mac_len
         le = command.le
         extended = command.extended or lc > _SHORT_MAX_LC or (le is not None and le > _SHORT_MAX_LE)
         if lc > _EXTENDED_MAX_LC:
             raise SecureChannelError("wrapped command data exceeds 65535 bytes")
-        full_mac = self.command_mac(chain, cla, command.ins, command.p1, command.p2, body,
-                                    extended)
-        wrapped = CommandAPDU(
-            cla | _SM_CLA_BIT, command.ins, command.p1, command.p2,
-            body + full_mac[: self.mac_len], le, extended,
-        )
+        ins, p1, p2 = command.ins, command.p1, command.p2
+        # ``command_mac`` written out: this runs for every command of every session.
+        lc_field = b"\x00" + lc.to_bytes(2, "big") if extended else bytes((lc,))
+        header = bytes(((cla & 0xF0) | _SM_CLA_BIT, ins, p1, p2))
+        full_mac = self._keys.s_mac.cmac(chain + header + lc_field + body)
+        wrapped = CommandAPDU(cla | _SM_CLA_BIT, ins, p1, p2, body + full_mac[:mac_len], le,
+                              extended)
         return wrapped, full_mac
 
     def verify_response(self, response: ResponseAPDU, chain: bytes, counter: int

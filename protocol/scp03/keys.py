@@ -53,11 +53,16 @@ class SecurityLevel(enum.IntFlag):
 VALID_SECURITY_LEVELS = frozenset((0x00, 0x01, 0x03, 0x11, 0x13, 0x33))
 
 
+# Made once: building an IntFlag member from its value costs a few µs in Python.
+_SECURITY_LEVELS = {value: SecurityLevel(value) for value in VALID_SECURITY_LEVELS}
+
+
 def security_level(value: int) -> SecurityLevel:
     """The ``SecurityLevel`` for ``value``, or a typed error for a combination GP forbids."""
-    if value not in VALID_SECURITY_LEVELS:
+    level = _SECURITY_LEVELS.get(value)
+    if level is None:
         raise SecureChannelError(f"security level {value:02X} is not one of 00 01 03 11 13 33")
-    return SecurityLevel(value)
+    return level
 
 
 def check_s_mode(s_mode: int) -> int:

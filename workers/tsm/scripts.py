@@ -538,13 +538,12 @@ class PinAlphabet(enum.Enum):
 
 def random_string(alphabet: str, length: int, random: Random) -> str:
     """Uniform characters from a CSPRNG by rejection sampling (no modulo bias)."""
-    limit = 256 - 256 % len(alphabet)
+    size = len(alphabet)
+    limit = 256 - 256 % size
     out: list[str] = []
     while len(out) < length:
-        for byte in random(length * 2):
-            if byte < limit and len(out) < length:
-                out.append(alphabet[byte % len(alphabet)])
-    return "".join(out)
+        out += [alphabet[byte % size] for byte in random(length * 2) if byte < limit]
+    return "".join(out[:length])
 
 
 def new_temporary_pin(
