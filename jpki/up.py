@@ -2,8 +2,11 @@
 
 Starts ``jpki orchestrator``, ``jpki worker tsm``, ``jpki worker ca`` and ``jpki gateway``
 as child processes (Boulder's ``startservers.py``), waits until each one consumes its
-queue, runs ``jpki fleet`` in the foreground, stops the services (SIGTERM, then SIGKILL
-after a grace period) and runs ``jpki audit`` on what they left.
+queue, runs ``jpki fleet`` in the foreground (at most ``--concurrency`` phones applying at
+once, as ``jpki run`` does, so the latencies it reports are those of a loaded system and
+not of a queue of phones waiting their turn), stops the services (SIGTERM, then SIGKILL
+after a grace period), prints the CPU time each process used and runs ``jpki audit`` on
+what they left.
 
 A run keeps apart from anything else on the same brokers: its own RabbitMQ virtual host
 (made through the management API, deleted at the end), its own PostgreSQL database when
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -237,6 +241,35 @@ async def _listening(host: str, port: int) -> bool:
     return True
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds a live process has used so far (Linux ``/proc``), or
+    None where that cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # after the command name's ")": field 3 (state) first, utime is field 14, stime 15
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds of every child this process has waited for (``RUSAGE_CHILDREN``)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cpu_summary(used: dict[str, float | None], phones: int) -> str:
+    known = {name: seconds for name, seconds in used.items() if seconds is not None}
+    total = sum(known.values())
+    per_process = ", ".join(
+        f"{name} {seconds:.1f}" if seconds is not None else f"{name} ?"
+        for name, seconds in used.items()
+    )
+    return (f"up: CPU seconds {per_process}; total {total:.1f} "
+            f"({1000 * total / max(1, phones):.0f} ms per phone)")
+
+
 def stop_services(children: Sequence[Child], grace: float = 10.0) -> dict[str, int | None]:
     for child in children:
         if child.process.poll() is None:
@@ -271,13 +304,16 @@ def stop_services(children: Sequence[Child], grace: float = 10.0) -> dict[str, i
 @click.option("--report", type=click.Path(path_type=Path), default=None)
 @click.option("--seed", type=int, default=None)
 @click.option("--key-pool", is_flag=True, help="SE key pairs from the pre-generated pool")
+@click.option("--concurrency", type=click.IntRange(min=1), default=32, show_default=True,
+              help="phones applying at once (admission control, as jpki run)")
 @click.option("--startup-timeout", type=float, default=60.0, show_default=True)
 @click.option("--fleet-timeout", type=float, default=300.0, show_default=True,
               help="how long a phone waits for its saga's end")
 def up_command(
     phones: int, data_dir: Path, amqp_url: str, management_url: str | None, mqtt_url: str,
     db_url: str | None, run_name: str | None, keep: bool, report: Path | None,
-    seed: int | None, key_pool: bool, startup_timeout: float, fleet_timeout: float,
+    seed: int | None, key_pool: bool, concurrency: int, startup_timeout: float,
+    fleet_timeout: float,
 ) -> None:
     """Start every service as its own process on RabbitMQ + MQTT (+ PostgreSQL), run a
     fleet of PHONES against them, stop them and audit the stores."""
@@ -299,7 +335,7 @@ def up_command(
         click.echo(f"up: run {place.name}: vhost {place.vhost}, topic root {place.topic_root}"
                    + (f", database {place.database}" if run_db_url else ""))
         code = _run(place, phones, data_dir, run_amqp_url, mqtt_url, run_db_url, report, seed,
-                    key_pool, startup_timeout, fleet_timeout)
+                    key_pool, concurrency, startup_timeout, fleet_timeout)
     finally:
         asyncio.run(delete_vhost(amqp_url, management_url, place.vhost))
         if db_url and run_db_url and not keep:
@@ -310,7 +346,7 @@ def up_command(
 def _run(
     place: RunPlace, phones: int, data_dir: Path, amqp_url: str, mqtt_url: str,
     db_url: str | None, report: Path | None, seed: int | None, key_pool: bool,
-    startup_timeout: float, fleet_timeout: float,
+    concurrency: int, startup_timeout: float, fleet_timeout: float,
 ) -> int:
     env = _environment(data_dir, amqp_url, mqtt_url, db_url, place)
     # the CA's store and keys first: the CA worker and the OCSP responder would both
@@ -322,21 +358,24 @@ def _run(
         raise click.ClickException("jpki ca init failed")
     children = start_services(data_dir, env, place)
     fleet_code = 1
+    used: dict[str, float | None] = {}
     try:
         asyncio.run(wait_until_consuming(amqp_url, children, startup_timeout, place.ocsp_port))
         click.echo(f"up: {', '.join(c.name for c in children)} consuming; starting the fleet")
         fleet = [*JPKI, "fleet", "--phones", str(phones), "--data-dir", str(data_dir),
                  "--topic-root", place.topic_root, "--device-prefix", place.name,
-                 "--timeout", str(fleet_timeout)]
+                 "--timeout", str(fleet_timeout), "--concurrency", str(concurrency)]
         if report is not None:
             fleet += ["--report", str(report)]
         if seed is not None:
             fleet += ["--seed", str(seed)]
         if key_pool:
             fleet.append("--key-pool")
+        waited_before = children_cpu_seconds()
         fleet_process = subprocess.Popen(fleet, env=env)  # noqa: S603 - our own CLI
         try:
             fleet_code = fleet_process.wait()
+            used["fleet"] = children_cpu_seconds() - waited_before
         finally:
             if fleet_process.poll() is None:  # interrupted: the fleet goes with us
                 fleet_process.terminate()
@@ -346,8 +385,11 @@ def _run(
                     fleet_process.kill()
                     fleet_process.wait()
     finally:
+        # read before the stop: a process's /proc entry goes once it has been waited for
+        used = {child.name: cpu_seconds(child.process.pid) for child in children} | used
         codes = stop_services(children)
         click.echo("up: stopped " + ", ".join(f"{n} ({c})" for n, c in codes.items()))
+        click.echo(cpu_summary(used, phones))
     audit = [*JPKI, "audit", "--data-dir", str(data_dir)]
     audit_code = subprocess.call(audit, env=env)  # noqa: S603 - our own CLI
     return fleet_code or audit_code

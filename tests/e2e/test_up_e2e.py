@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -18,6 +19,7 @@ import asyncpg
 import pytest
 
 from device_sim.fleet import PhoneProfile
+from jpki.up import cpu_seconds
 
 pytestmark = [pytest.mark.e2e, pytest.mark.rabbitmq, pytest.mark.mqtt, pytest.mark.postgres]
 
@@ -60,7 +62,7 @@ def test_jpki_up_issues_every_eligible_phone_and_leaves_nothing_running(
         "--phones", "6", "--data-dir", str(data_dir), "--run-name", run_name,
         "--amqp-url", amqp_url, "--management-url", MANAGEMENT_URL, "--mqtt-url", mqtt_url,
         "--db-url", pg_url, "--key-pool", "--seed", "6", "--report", str(report),
-        "--startup-timeout", "30", "--fleet-timeout", "45",
+        "--startup-timeout", "30", "--fleet-timeout", "45", "--concurrency", "3",
     ]
     # the run's settings come from its options only, not from a developer's environment
     env = {name: value for name, value in os.environ.items()
@@ -89,6 +91,9 @@ def test_jpki_up_issues_every_eligible_phone_and_leaves_nothing_running(
         else:
             assert (phone["outcome"], phone["phase"], phone["login"]) == ("issued", 4, "ok"), phone
     assert "audit: every invariant holds" in output, output[-4000:]
+    cpu_line = next(line for line in output.splitlines() if line.startswith("up: CPU seconds"))
+    for process in ("orchestrator", "tsm", "ca", "gateway", "ocsp", "fleet"):
+        assert f" {process} " in cpu_line and f" {process} ?" not in cpu_line, cpu_line
     vhosts, databases = asyncio.run(_vhosts_and_databases(amqp_url, pg_url))
     assert f"jpki-{run_name}" not in vhosts
     assert f"jpki_{run_name}" not in databases
@@ -107,3 +112,12 @@ async def _vhosts_and_databases(amqp_url: str, pg_url: str) -> tuple[set[str], s
     finally:
         await connection.close()
     return vhosts, databases
+
+
+def test_cpu_seconds_of_a_process_is_what_it_used() -> None:
+    spent = 0
+    while time.process_time() < 0.3:  # this test process has used at least 0.3 s of CPU
+        spent += 1
+    own = cpu_seconds(os.getpid())
+    assert own is not None and abs(own - time.process_time()) < 0.1
+    assert cpu_seconds(2**22 + 1) is None  # no such process
