@@ -27,6 +27,7 @@ import hashlib
 import hmac
 import os
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,47 @@ PHONE_SECRET_FILE_ENV = "JPKI_MQTT_PHONE_SECRET_FILE"  # noqa: S105 - a variable
 
 # A handler returns a coroutine (run as a task when pipelined) or a future it completes
 # itself, which saves the task: the gateway's up path hands each message to a batch.
-RawHandler = Callable[[aiomqtt.Message], Awaitable[None]]
+RawHandler = Callable[[mqtt.MQTTMessage], Awaitable[None]]
+
+
+class _Inbox:
+    """What paho received on one connection, for the session's receive loop, as paho's
+    own message objects: aiomqtt's message iterator costs a task and an ``asyncio.wait``
+    a message, and its ``Message`` a copy with a validated ``Topic``."""
+
+    def __init__(self) -> None:
+        self._messages: deque[mqtt.MQTTMessage] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._lost: BaseException | None = None
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def put(self, _client: Any, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        """paho's ``on_message``."""
+        self._messages.append(message)
+        self._wake()
+
+    def lose(self, disconnected: asyncio.Future[None]) -> None:
+        """The connection ended (aiomqtt's ``_disconnected`` future is done)."""
+        failure = None if disconnected.cancelled() else disconnected.exception()
+        self._lost = failure or aiomqtt.MqttError("disconnected")
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def get(self) -> mqtt.MQTTMessage:
+        while not self._messages:
+            if self._lost is not None:
+                raise aiomqtt.MqttError("Disconnected during message iteration") from self._lost
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._messages.popleft()
 
 
 def down_topic(device_id: str, root: str = TOPIC_ROOT) -> str:
@@ -158,6 +199,7 @@ class MqttSession:
         self._pubacks: dict[int, tuple[asyncio.Future[None], asyncio.TimerHandle]] = {}
         self._task: asyncio.Task[None] | None = None
         self._handlers: set[asyncio.Future[None]] = set()
+        self._inbox = _Inbox()  # the current connection's (``_new_client``)
         self._closing = False
         self.connected = asyncio.Event()
         self.connections = 0  # how many times a session was (re)established
@@ -225,7 +267,7 @@ class MqttSession:
                     for topic in self._subscriptions:
                         await client.unsubscribe(topic)
                     # the UNSUBACK came after every message sent before it (one TCP stream)
-                    while len(client.messages) or self._unacked:
+                    while len(self._inbox) or self._unacked:
                         if self._unacked:
                             await self._all_acked.wait()
                         else:
@@ -254,6 +296,9 @@ class MqttSession:
         # PUBACKs complete this session's own futures (``publish``): aiomqtt's publish
         # costs three tasks and a scan of every pending call per message.
         client._client.on_publish = self._on_puback
+        # set before connecting: a persistent session's queued messages follow the CONNACK
+        self._inbox = _Inbox()
+        client._client.on_message = self._inbox.put
         return client
 
     async def _run(self) -> None:
@@ -261,7 +306,9 @@ class MqttSession:
         while not self._closing:
             try:
                 client = self._new_client()
+                inbox = self._inbox
                 async with client:
+                    client._disconnected.add_done_callback(inbox.lose)
                     for topic in self._subscriptions:
                         await client.subscribe(topic, qos=QOS)
                     self._client = client
@@ -271,7 +318,7 @@ class MqttSession:
                     self.connections += 1
                     self.connected.set()
                     log.info("mqtt.connected", client_id=self.identifier)
-                    await self._receive(client)
+                    await self._receive(client, inbox)
             except aiomqtt.MqttError as exc:
                 log.warning("mqtt.connection_lost", client_id=self.identifier, error=str(exc))
             finally:
@@ -281,26 +328,27 @@ class MqttSession:
             attempt += 1
             await asyncio.sleep(self._backoff.delay(attempt, self._rng))
 
-    async def _receive(self, client: aiomqtt.Client) -> None:
+    async def _receive(self, client: aiomqtt.Client, inbox: _Inbox) -> None:
         if not self._pipelined:
-            async for message in client.messages:
+            while True:
+                message = await inbox.get()
                 self._received()
                 await self._handle(message)
                 self._ack(client, message)
-            return
-        in_order: asyncio.Queue[tuple[aiomqtt.Message, asyncio.Future[None]]] = asyncio.Queue(
+        in_order: asyncio.Queue[tuple[mqtt.MQTTMessage, asyncio.Future[None]]] = asyncio.Queue(
             self._max_inflight
         )
         acker = asyncio.create_task(self._ack_in_order(client, in_order))
         try:
-            async for message in client.messages:
+            while True:
+                message = await inbox.get()
                 self._received()
                 await in_order.put((message, self._start(message)))
         finally:
             acker.cancel()
             await asyncio.gather(acker, return_exceptions=True)
 
-    def _start(self, message: aiomqtt.Message) -> asyncio.Future[None]:
+    def _start(self, message: mqtt.MQTTMessage) -> asyncio.Future[None]:
         """Start handling ``message``: a coroutine runs as a task, a future is kept as is."""
         handling: asyncio.Future[None] | None = None
         try:
@@ -319,7 +367,7 @@ class MqttSession:
     async def _ack_in_order(
         self,
         client: aiomqtt.Client,
-        in_order: asyncio.Queue[tuple[aiomqtt.Message, asyncio.Future[None]]],
+        in_order: asyncio.Queue[tuple[mqtt.MQTTMessage, asyncio.Future[None]]],
     ) -> None:
         while True:
             message, handling = await in_order.get()
@@ -332,7 +380,7 @@ class MqttSession:
                 self._handler_failed(message, failure)
             self._ack(client, message)
 
-    async def _handle(self, message: aiomqtt.Message) -> None:
+    async def _handle(self, message: mqtt.MQTTMessage) -> None:
         if self._on_message is None:
             return
         try:
@@ -342,11 +390,11 @@ class MqttSession:
         except Exception as exc:
             self._handler_failed(message, exc)
 
-    def _handler_failed(self, message: aiomqtt.Message, exc: BaseException) -> None:
+    def _handler_failed(self, message: mqtt.MQTTMessage, exc: BaseException) -> None:
         log.error(
             "mqtt.handler_failed",
             client_id=self.identifier,
-            topic=message.topic.value,
+            topic=message.topic,
             error=type(exc).__name__,
         )
 
@@ -354,7 +402,7 @@ class MqttSession:
         self._unacked += 1
         self._all_acked.clear()
 
-    def _ack(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+    def _ack(self, client: aiomqtt.Client, message: mqtt.MQTTMessage) -> None:
         if message.qos > 0:
             client._client.ack(message.mid, message.qos)
         if client is self._client:
@@ -443,10 +491,8 @@ class MqttPhoneLink(PhoneLink):
         self._session: MqttSession | None = None
 
     async def start(self, on_message: DownHandler) -> None:
-        async def on_raw(message: aiomqtt.Message) -> None:
-            payload = message.payload
-            raw = payload if isinstance(payload, bytes) else str(payload).encode()
-            await deliver_down(self.device_id, raw, on_message)
+        async def on_raw(message: mqtt.MQTTMessage) -> None:
+            await deliver_down(self.device_id, message.payload, on_message)
 
         self._session = MqttSession(
             self._url,

@@ -7,8 +7,8 @@ import random
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
-import aiomqtt
 import msgspec
+import paho.mqtt.client as mqtt
 import pytest
 from structlog.testing import capture_logs
 
@@ -132,8 +132,8 @@ async def test_phone_sends_up_and_may_not_send_foreign_messages(mqtt_url: str, u
     seen: list[bytes] = []
     arrived = asyncio.Event()
 
-    async def on_up(message: aiomqtt.Message) -> None:
-        seen.append(bytes(message.payload))  # type: ignore[arg-type]
+    async def on_up(message: mqtt.MQTTMessage) -> None:
+        seen.append(message.payload)
         arrived.set()
 
     listener = MqttSession(
@@ -198,7 +198,7 @@ async def test_a_message_not_handled_before_a_crash_comes_back(
     topic = f"jpki/dev/dev-{unique}/down"
     started = asyncio.Event()
 
-    async def hang(message: aiomqtt.Message) -> None:
+    async def hang(message: mqtt.MQTTMessage) -> None:
         started.set()
         await asyncio.Event().wait()  # never finishes: the process "dies" here
 
@@ -213,8 +213,8 @@ async def test_a_message_not_handled_before_a_crash_comes_back(
     redelivered: list[bytes] = []
     done = asyncio.Event()
 
-    async def keep(message: aiomqtt.Message) -> None:
-        redelivered.append(bytes(message.payload))  # type: ignore[arg-type]
+    async def keep(message: mqtt.MQTTMessage) -> None:
+        redelivered.append(message.payload)
         done.set()
 
     revived = MqttSession(

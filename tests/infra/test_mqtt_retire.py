@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import aiomqtt
+import paho.mqtt.client as mqtt
 import pytest
 
 from infra.bus import RetryBackoff
@@ -25,8 +26,8 @@ async def _publish(mqtt_url: str, topic: str, count: int) -> None:
 
 
 def _recorder(into: list[str]):
-    async def record(message: aiomqtt.Message) -> None:
-        into.append(bytes(message.payload).decode())
+    async def record(message: mqtt.MQTTMessage) -> None:
+        into.append(message.payload.decode())
     return record
 
 
@@ -76,9 +77,9 @@ async def test_retire_acks_what_is_in_hand_before_ending_the_session(
     handled: list[str] = []
     release = asyncio.Event()
 
-    async def slow(message: aiomqtt.Message) -> None:
+    async def slow(message: mqtt.MQTTMessage) -> None:
         await release.wait()
-        handled.append(bytes(message.payload).decode())
+        handled.append(message.payload.decode())
 
     session = MqttSession(mqtt_url, identifier=f"retiring-{unique}", subscriptions=[topic],
                           on_message=slow, pipelined=True, backoff=FAST)

@@ -36,8 +36,8 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import aiomqtt
 import msgspec
+import paho.mqtt.client as mqtt
 import structlog
 
 import orchestrator.messages  # noqa: F401 - registers the app.event.* types phones send
@@ -154,10 +154,8 @@ class Gateway:
 
     # --- up: phone -> AMQP -------------------------------------------------------------
 
-    def _from_phone(self, message: aiomqtt.Message) -> asyncio.Future[None]:
-        payload = message.payload
-        raw = payload if isinstance(payload, bytes) else str(payload).encode()
-        return self._forward_up(message.topic.value, raw)
+    def _from_phone(self, message: mqtt.MQTTMessage) -> asyncio.Future[None]:
+        return self._forward_up(message.topic, message.payload)
 
     def _forward_up(self, topic: str, raw: bytes) -> asyncio.Future[None]:
         """Check a phone's message and queue it for the next batch; the future completes
