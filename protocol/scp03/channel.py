@@ -163,21 +163,24 @@ class MessagingCore:
         if cla & _CHANNEL_BITS != self.channel:
             raise SecureChannelError(f"command on channel {cla & 3}, session on {self.channel}")
         data = wrapped.data
-        if len(data) < self.mac_len:
+        mac_len = self.mac_len
+        lc = len(data)  # Lc as transmitted: it counts the MAC
+        if lc < mac_len:
             raise MacMismatch("command too short to hold a C-MAC")
-        body = data[: -self.mac_len]
-        full_mac = self.command_mac(chain, cla, wrapped.ins, wrapped.p1, wrapped.p2, body,
-                                    wrapped.needs_extended)
-        if not compare_digest(full_mac[: self.mac_len], data[-self.mac_len :]):
+        body = data[:-mac_len]
+        ins, p1, p2, le = wrapped.ins, wrapped.p1, wrapped.p2, wrapped.le
+        # ``command_mac`` written out, as in ``protect_command``.
+        extended = wrapped.extended or lc > _SHORT_MAX_LC or (le is not None and le > _SHORT_MAX_LE)
+        lc_field = b"\x00" + lc.to_bytes(2, "big") if extended else bytes((lc,))
+        header = bytes(((cla & 0xF0) | _SM_CLA_BIT, ins, p1, p2))
+        full_mac = self._keys.s_mac.cmac(chain + header + lc_field + body)
+        if not compare_digest(full_mac[:mac_len], data[-mac_len:]):
             raise MacMismatch("C-MAC does not verify")
         if self._c_dec and body:
             if len(body) % BLOCK:
                 raise SecureChannelError("encrypted command data is not whole blocks")
             body = unpad_m2(self._keys.s_enc.cbc_decrypt(self._icv(counter, False), body))
-        plain = CommandAPDU(
-            cla & ~_SM_CLA_BIT, wrapped.ins, wrapped.p1, wrapped.p2, body, wrapped.le,
-            wrapped.extended,
-        )
+        plain = CommandAPDU(cla & ~_SM_CLA_BIT, ins, p1, p2, body, le, wrapped.extended)
         return plain, full_mac
 
     def protect_response(self, response: ResponseAPDU, chain: bytes, counter: int

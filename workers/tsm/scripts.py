@@ -20,6 +20,7 @@ plain responses of one operation. Nothing here does I/O.
 from __future__ import annotations
 
 import enum
+import functools
 import os
 import string
 from collections.abc import Callable, Sequence
@@ -114,8 +115,9 @@ class OperationPlan(msgspec.Struct, frozen=True):
     steps: tuple[Step, ...]
 
 
-def _select(aid: bytes) -> CommandAPDU:
-    return CommandAPDU(0x00, 0xA4, 0x04, 0x00, aid, le=256)
+@functools.lru_cache(maxsize=16)  # a handful of AIDs: the SP-TSM's domain, the JPKI applet
+def _select(aid: bytes) -> bytes:
+    return CommandAPDU(0x00, 0xA4, 0x04, 0x00, aid, le=256).to_bytes()
 
 
 def get_status_command(aid: bytes) -> CommandAPDU:
@@ -330,7 +332,7 @@ class ScriptSession:
         )
         self._offline = session
         wrapped = session.script(step.command for step in self.plan.steps)
-        wire = [WireStep(_select(self.plan.target_aid).to_bytes(), (OK,))]
+        wire = [WireStep(_select(self.plan.target_aid), (OK,))]
         wire += [WireStep(apdu.to_bytes(), (OK,)) for apdu in wrapped[:2]]
         wire += [
             WireStep(apdu.to_bytes(), step.expect)
@@ -388,7 +390,7 @@ class ScriptSession:
             self.access.keys, key_version=self.access.key_version, random=self._random
         )
         return [
-            WireStep(_select(self.plan.target_aid).to_bytes(), (OK,)),
+            WireStep(_select(self.plan.target_aid), (OK,)),
             WireStep(self._host.initialize_update().to_bytes(), (OK,)),
         ]
 
