@@ -85,22 +85,21 @@ class CommandAPDU(msgspec.Struct, frozen=True):
             if n == 6 + lc:  # case 4 short
                 return cls(cla, ins, p1, p2, data=bytes(raw[5 : 5 + lc]), le=raw[-1] or 256)
             raise MalformedAPDU(f"Lc {lc} does not match {n - 5} bytes of body")
-        body = raw[4:]
-        # body[0] == 0 and more than one byte: extended length.
-        if len(body) == 3:  # case 2 extended
-            le = int.from_bytes(body[1:3], "big") or 65536
+        # raw[4] == 0 and more than one byte of body: extended length.
+        if n == 7:  # case 2 extended
+            le = int.from_bytes(raw[5:7], "big") or 65536
             return cls(cla, ins, p1, p2, le=le, extended=True)
-        if len(body) < 3:
+        if n < 7:
             raise MalformedAPDU("truncated extended length field")
-        lc = int.from_bytes(body[1:3], "big")
+        lc = int.from_bytes(raw[5:7], "big")
         if lc == 0:
             raise MalformedAPDU("extended Lc of zero")
-        if len(body) == 3 + lc:  # case 3 extended
-            return cls(cla, ins, p1, p2, data=bytes(body[3:]), extended=True)
-        if len(body) == 5 + lc:  # case 4 extended
-            le = int.from_bytes(body[-2:], "big") or 65536
-            return cls(cla, ins, p1, p2, data=bytes(body[3 : 3 + lc]), le=le, extended=True)
-        raise MalformedAPDU(f"extended Lc {lc} does not match {len(body) - 3} bytes of body")
+        if n == 7 + lc:  # case 3 extended
+            return cls(cla, ins, p1, p2, data=bytes(raw[7:]), extended=True)
+        if n == 9 + lc:  # case 4 extended
+            le = int.from_bytes(raw[-2:], "big") or 65536
+            return cls(cla, ins, p1, p2, data=bytes(raw[7 : 7 + lc]), le=le, extended=True)
+        raise MalformedAPDU(f"extended Lc {lc} does not match {n - 7} bytes of body")
 
     def with_data(self, data: bytes, *, cla: int | None = None) -> CommandAPDU:
         return CommandAPDU(
