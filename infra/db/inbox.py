@@ -37,6 +37,9 @@ log = structlog.get_logger(__name__)
 
 Effect = Callable[[AsyncConnection, Message], Awaitable[Sequence[Outgoing]]]
 BatchEffect = Callable[[AsyncConnection, list[Message]], Awaitable[Sequence[Outgoing]]]
+# Work a batch needs done before its transaction opens, and undone after it ends however it
+# ends (the CA signs a batch's certificates with no transaction open).
+AroundBatch = Callable[[list[Message]], contextlib.AbstractAsyncContextManager[None]]
 
 
 async def claim_inbox(
@@ -83,6 +86,7 @@ class InboxConsumer:
         handle_batch: BatchEffect,
         *,
         relay: OutboxRelay | None = None,
+        around_batch: AroundBatch | None = None,
         batch_size: int = 256,
         prefetch: int = 512,
         clock: Callable[[], float] = time.time,
@@ -91,6 +95,7 @@ class InboxConsumer:
         self._transport = transport
         self._queue = queue
         self._handle_batch = handle_batch
+        self._around_batch = around_batch
         self._relay = relay
         self._batch_size = batch_size
         self._prefetch = prefetch
@@ -168,6 +173,12 @@ class InboxConsumer:
             self._relay.handoff(out)
 
     async def _commit(self, messages: list[Message]) -> list[Outgoing]:
+        if self._around_batch is None:
+            return await self._commit_batch(messages)
+        async with self._around_batch(messages):
+            return await self._commit_batch(messages)
+
+    async def _commit_batch(self, messages: list[Message]) -> list[Outgoing]:
         now = self._clock()
         async with self._db.transaction() as conn:
             fresh_ids = await claim_inbox(conn, [m.envelope.message_id for m in messages], now=now)

@@ -18,14 +18,14 @@ duplicate stored first.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from infra.bus import SERVICE_QUEUES, declare_topology
-from infra.db.database import Database
 from infra.db.inbox import InboxConsumer
 from infra.db.outbox import OutboxRelay, outgoing
 from infra.transport.base import Outgoing, Transport
@@ -101,6 +101,15 @@ class CaService:
         failed and retried, or duplicates the inbox turned away): never issued."""
         for message in messages:
             self._presigned.pop(message.envelope.message_id, None)
+
+    @contextlib.asynccontextmanager
+    async def presigned(self, messages: list[Message]) -> AsyncIterator[None]:
+        """Around the inbox's batch transaction: sign before it opens, forget after."""
+        await self.presign(messages)
+        try:
+            yield
+        finally:
+            self.forget_presigned(messages)
 
     async def handle_batch(
         self, conn: AsyncConnection, messages: list[Message]
@@ -338,34 +347,6 @@ def _changes(changes: list[StatusChange]) -> list[m.StatusChange]:
     ]
 
 
-class PresigningInboxConsumer(InboxConsumer):
-    """The inbox consumer, with each batch's issue commands signed (``CaService.presign``)
-    before the batch's transaction opens.
-
-    ``InboxConsumer`` has no step before its transaction, so this wraps its ``_commit``
-    (the transaction of one batch, retried alone on failure): presign, then commit, then
-    forget whatever was signed for messages that were not stored."""
-
-    def __init__(
-        self,
-        service: CaService,
-        db: Database,
-        transport: Transport,
-        queue: str,
-        *,
-        relay: OutboxRelay,
-    ) -> None:
-        super().__init__(db, transport, queue, service.handle_batch, relay=relay)
-        self._service = service
-
-    async def _commit(self, messages: list[Message]) -> list[Outgoing]:
-        await self._service.presign(messages)
-        try:
-            return await super()._commit(messages)
-        finally:
-            self._service.forget_presigned(messages)
-
-
 class CaWorker:
     """The running worker: queue declared, inbox consumer and outbox relay started."""
 
@@ -376,8 +357,9 @@ class CaWorker:
         self._transport = transport
         self._queue = queue
         self.relay = OutboxRelay(authority.database, transport, name=queue)
-        self.consumer = PresigningInboxConsumer(
-            self.service, authority.database, transport, queue, relay=self.relay
+        self.consumer = InboxConsumer(
+            authority.database, transport, queue, self.service.handle_batch, relay=self.relay,
+            around_batch=self.service.presigned,
         )
 
     async def start(self) -> None:
