@@ -232,8 +232,9 @@ class TsmEngine:
         """Run ``command`` to its end over the phone link; a command id seen before gets its
         stored reply.
 
-        Two registry transactions per operation: look up (and mark running) with the spent
-        counter written before the script leaves, and the outcome with the reply at the end.
+        Three registry transactions per one-round-trip operation: look up (and mark
+        running), the spent counter written before the script leaves, and the outcome with
+        the reply at the end.
         """
         step = await self._run(command, None)
         assert isinstance(step, Finished)  # without a replay the link answers every script
@@ -244,8 +245,9 @@ class TsmEngine:
 
         Runs until the operation needs the phone's answer: the operation — the command,
         the SE's record as it was, the random bytes drawn so far, sealed — is stored with
-        the id of the script it waits for, and the script is returned to be sent. Any
-        replica then resumes it when ``se.result`` arrives (``resume``).
+        the id of the script it waits for (one registry transaction with the operation's
+        record and the SE's), and the script is returned to be sent. Any replica then
+        resumes it when ``se.result`` arrives (``resume``).
         """
         return await self._run(command, _Replay(context=context))
 
