@@ -4,11 +4,11 @@ Private to ``protocol.scp03``: these functions take raw keys and check nothing a
 they are used. The session API above them is the safe layer.
 
 Speed notes (measured with pyca/cryptography 50, one core): a fresh ``cmac.CMAC`` costs
-about 1–1.7 µs, a ``.copy()`` of a keyed template about 0.3 µs, and ``KBKDFCMAC`` about 11 µs per
-derivation — so keys are kept as ``AesKey`` objects holding a CMAC template, one CBC
-context per direction and an ECB encryptor, and the KDF is written directly over CMAC. A
-fresh cipher context costs about 4 µs, so every CBC message of a key goes through the same
-context (see ``AesKey``), which also spares the per-block Python loop short inputs had.
+about 1–1.7 µs, a ``.copy()`` of a keyed template about 0.3 µs, and ``KBKDFCMAC`` about
+11 µs per derivation — so keys are kept as ``AesKey`` objects holding a CMAC template, one
+CBC context per direction and an ECB encryptor, and the KDF is written directly over CMAC.
+A fresh cipher context costs about 4 µs, so every CBC message of a key goes through the
+same context (see ``AesKey``), which also spares the per-block Python loop short inputs had.
 """
 
 from __future__ import annotations
