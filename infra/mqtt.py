@@ -27,6 +27,7 @@ import hashlib
 import hmac
 import os
 import random
+import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,60 @@ PHONE_SECRET_FILE_ENV = "JPKI_MQTT_PHONE_SECRET_FILE"  # noqa: S105 - a variable
 # A handler returns a coroutine (run as a task when pipelined) or a future it completes
 # itself, which saves the task: the gateway's up path hands each message to a batch.
 RawHandler = Callable[[mqtt.MQTTMessage], Awaitable[None]]
+
+
+class _SocketWriter:
+    """paho's socket-write callbacks for a client the event loop drives.
+
+    Every packet paho queues asks for a write. aiomqtt answers each by adding a writer
+    callback through ``call_soon_threadsafe`` and removing it once written: two wake-ups
+    of the loop's self-pipe and two epoll changes a packet, more system calls than the
+    packet's own ``send``. Here the packets queued during one loop round are written at
+    its end, straight from the loop; only a socket that cannot take them all gets a
+    writer callback until it drains."""
+
+    def __init__(self, client: aiomqtt.Client, loop: asyncio.AbstractEventLoop) -> None:
+        self._client = client
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        self._scheduled = False
+        self._watched: int | None = None  # the socket's descriptor while a writer waits
+
+    def register(self, _paho: Any, _userdata: Any, _sock: Any) -> None:
+        if threading.get_ident() == self._loop_thread:
+            self._schedule()
+        else:  # paho's connect runs in an executor thread
+            self._loop.call_soon_threadsafe(self._schedule)
+
+    def unregister(self, _paho: Any, _userdata: Any, _sock: Any) -> None:
+        if threading.get_ident() == self._loop_thread:
+            self._unwatch()
+        else:
+            self._loop.call_soon_threadsafe(self._unwatch)
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._write)
+
+    def _write(self) -> None:
+        self._scheduled = False
+        paho = self._client._client
+        try:
+            paho.loop_write()
+        except Exception as exc:  # a broken pipe: the connection is gone
+            if not self._client._disconnected.done():
+                self._client._disconnected.set_exception(exc)
+            return
+        sock = paho.socket()
+        if paho.want_write() and self._watched is None and sock is not None:
+            self._watched = sock.fileno()
+            self._loop.add_writer(self._watched, self._write)
+
+    def _unwatch(self) -> None:
+        if self._watched is not None:
+            self._loop.remove_writer(self._watched)
+            self._watched = None
 
 
 class _Inbox:
@@ -299,6 +354,9 @@ class MqttSession:
         # set before connecting: a persistent session's queued messages follow the CONNACK
         self._inbox = _Inbox()
         client._client.on_message = self._inbox.put
+        writer = _SocketWriter(client, asyncio.get_running_loop())
+        client._client.on_socket_register_write = writer.register
+        client._client.on_socket_unregister_write = writer.unregister
         return client
 
     async def _run(self) -> None:

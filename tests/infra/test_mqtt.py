@@ -341,3 +341,28 @@ async def test_a_publish_without_puback_in_time_is_sent_again(mqtt_url: str, uni
         await sender.close()
         await link.close(forget=True)
         await proxy.close()
+
+
+@pytest.mark.mqtt
+async def test_a_message_larger_than_the_socket_takes_at_once_arrives_whole(
+    mqtt_url: str, unique: str, back_end: MqttSession
+) -> None:
+    """paho writes what the socket takes; the rest waits for the socket to drain."""
+    topic = f"jpki/dev/dev-{unique}/down"
+    large = bytes(range(256)) * (256 * 1024)  # 64 MiB: more than a loopback socket takes
+    got: list[bytes] = []
+    arrived = asyncio.Event()
+
+    async def keep(message: mqtt.MQTTMessage) -> None:
+        got.append(message.payload)
+        arrived.set()
+
+    receiver = MqttSession(mqtt_url, identifier=f"test-large-{unique}", subscriptions=[topic],
+                           on_message=keep, clean_session=True)
+    await receiver.start()
+    try:
+        await asyncio.wait_for(back_end.publish(topic, large), 30)
+        await asyncio.wait_for(arrived.wait(), 30)
+        assert got == [large]
+    finally:
+        await receiver.close()
