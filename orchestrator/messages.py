@@ -35,6 +35,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from protocol.envelope import message_type
+from protocol.jpki import PinOption
 
 # ---------------------------------------------------------------------------------------
 # Shared vocabulary
@@ -45,17 +46,6 @@ class CertificateKind(enum.StrEnum):
 
     AUTH = "auth"  # user authentication (利用者証明用): key EF 0017, PIN EF 0018
     SIGN = "sign"  # digital signature (署名用): key EF 001A, password EF 001B
-
-
-class PinOption(enum.IntEnum):
-    """The seed's PIN-setting options (seed README, reference table); 3 and 4 for production."""
-
-    USER_TYPES_TEMPORARY = 1
-    APP_TYPES_TEMPORARY = 2
-    BLOCKED_UNTIL_RELEASED = 3
-    INITIAL_STATE = 4
-    REAL_PIN_AT_APPLICATION = 5
-    PUK = 6
 
 
 DEFAULT_PIN_OPTION = PinOption.INITIAL_STATE

@@ -16,6 +16,19 @@ from dataclasses import dataclass
 from protocol.apdu import CommandAPDU, ResponseAPDU
 from protocol.errors import CardError, JpkiError, StatusWord
 
+
+class PinOption(enum.IntEnum):
+    """The seed's PIN-setting options (seed README, reference table): how the applet's PINs
+    get from the SP-TSM's temporary values to the user's own. 3 and 4 are for production."""
+
+    USER_TYPES_TEMPORARY = 1
+    APP_TYPES_TEMPORARY = 2
+    BLOCKED_UNTIL_RELEASED = 3
+    INITIAL_STATE = 4
+    REAL_PIN_AT_APPLICATION = 5
+    PUK = 6
+
+
 # DOMAIN.md §1 (the same values OpenSC's jpki driver uses).
 AID = bytes.fromhex("D392F000260100000001")
 CARD_ATR = bytes.fromhex("3BE000FF8131FE4514")

@@ -28,7 +28,6 @@ signing-key proof from being presented for the authentication certificate.)
 
 from __future__ import annotations
 
-import enum
 import hashlib
 from datetime import datetime
 from typing import Annotated
@@ -39,6 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from protocol import jpki
+from protocol.jpki import PinOption
 from workers.ca.errors import (
     ForgedSignature,
     InvalidPublicKey,
@@ -56,17 +56,6 @@ SHA256_DIGEST_INFO_PREFIX = bytes.fromhex("3031300d06096086480165030402010500042
 HexId = Annotated[str, msgspec.Meta(pattern="^[0-9A-F]{2,64}$")]
 Identifier = Annotated[str, msgspec.Meta(pattern="^[A-Za-z0-9_-]{1,64}$")]
 Nonce = Annotated[bytes, msgspec.Meta(min_length=16, max_length=64)]
-
-
-class PinOption(enum.IntEnum):
-    """The seed's PIN-setting options (3 and 4 for production), as the application states."""
-
-    USER_TYPES_TEMPORARY = 1
-    APP_TYPES_TEMPORARY = 2
-    BLOCKED_UNTIL_RELEASED = 3
-    INITIAL_STATE = 4
-    REAL_PIN_AT_APPLICATION = 5
-    PUK = 6
 
 
 class SeIdentity(msgspec.Struct, frozen=True, kw_only=True):
