@@ -254,26 +254,41 @@ class TsmEngine:
     async def resume(self, result: m.SeScriptResult | None, script_id: str) -> Step | None:
         """Go on with the operation waiting for ``script_id``; ``result`` None means the
         phone did not answer in time. None if no operation waits for that script (a late
-        or repeated answer)."""
-        waiting = await self.registry.waiting_for(script_id)
-        if waiting is None:
-            return None
-        if waiting.status == "done" and waiting.reply is not None:
-            # The reply may not have left before a crash: the caller publishes it again.
-            context = self._unseal_state(waiting.state).context if waiting.state else None
-            reply_type = _REPLY_TYPES[m.COMMAND_TYPES[waiting.operation]]
-            reply = msgspec.json.decode(waiting.reply, type=reply_type)
-            return Finished(reply, context or OperationContext())
-        if waiting.state is None:
-            return None
-        state = self._unseal_state(waiting.state)
-        command = msgspec.json.decode(state.command, type=m.COMMAND_TYPES[waiting.operation])
-        replay = _Replay(
-            context=state.context,
-            snapshot=state.snapshot,
-            tape=bytearray(state.tape),
-            results=[*state.results, result],
-        )
+        or repeated answer).
+
+        One registry transaction: the look-up by script id and what the operation stores
+        next (its outcome, or its next script). The SE's lock is only taken inside that
+        transaction when it is free, without waiting: a task holding it may be waiting for
+        the database, so waiting for it here could deadlock. When it is busy the look-up's
+        transaction ends and the operation goes on like a command, lock first.
+        """
+        async with self.registry.unit() as registry:
+            waiting = await registry.waiting_for(script_id)
+            if waiting is None:
+                return None
+            if waiting.status == "done" and waiting.reply is not None:
+                # The reply may not have left before a crash: the caller publishes it again.
+                context = self._unseal_state(waiting.state).context if waiting.state else None
+                reply_type = _REPLY_TYPES[m.COMMAND_TYPES[waiting.operation]]
+                reply = msgspec.json.decode(waiting.reply, type=reply_type)
+                return Finished(reply, context or OperationContext())
+            if waiting.state is None:
+                return None
+            state = self._unseal_state(waiting.state)
+            command = msgspec.json.decode(state.command,
+                                          type=m.COMMAND_TYPES[waiting.operation])
+            replay = _Replay(
+                context=state.context,
+                snapshot=state.snapshot,
+                tape=bytearray(state.tape),
+                results=[*state.results, result],
+            )
+            lock = self._locks.get(command.se.cin)
+            if lock is None or not lock.locked():
+                if lock is None:
+                    lock = self._locks[command.se.cin] = asyncio.Lock()
+                async with lock:  # free: taken without suspending
+                    return await self._run_locked(command, replay, registry)
         return await self._run(command, replay)
 
     async def _run(self, command: m.TsmCommand, replay: _Replay | None) -> Step:

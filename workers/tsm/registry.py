@@ -12,8 +12,8 @@ and is run again (every script is safe to re-run).
 
 Two implementations of one interface: ``SqlRegistry`` (the service, SQLite or PostgreSQL
 through ``infra.db``) and ``MemoryRegistry`` (benchmarks and the in-process phone link).
-``unit()`` runs several calls in one transaction (the engine's start of an operation: its
-record, the SE's record, and the operation's state once its first script is computed).
+``unit()`` runs several calls in one transaction (on the bus, each delivery's: a command's
+records and its first script's state; an answer's look-up and what follows from it).
 """
 
 from __future__ import annotations

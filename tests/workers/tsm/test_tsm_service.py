@@ -175,7 +175,7 @@ async def test_a_result_nobody_waits_for_is_dropped(tmp_path) -> None:
         await world.stop()
 
 
-async def test_a_command_starts_in_one_transaction_and_a_failed_start_leaves_nothing(
+async def test_one_transaction_per_delivery_and_a_failed_start_leaves_nothing(
     tmp_path, monkeypatch
 ) -> None:
     from infra.db.migrate import upgrade
@@ -227,6 +227,45 @@ async def test_a_command_starts_in_one_transaction_and_a_failed_start_leaves_not
         opened.clear()
         finished = await engine.resume(result, result.script_id)
         assert finished is not None and finished.reply.ok
-        assert len(opened) == 2  # the look-up by script id, then the outcome
+        assert len(opened) == 1  # the look-up by script id and the outcome together
+    finally:
+        await world.db.close()
+
+
+async def test_an_answer_for_a_busy_se_waits_for_it_outside_the_transaction(tmp_path) -> None:
+    # While another task holds the SE's lock (and may need the database), the answer's
+    # look-up must not hold the database while it waits for that lock.
+    from infra.db.migrate import upgrade
+    from workers.tsm.engine import OperationContext, TsmEngine, Waiting
+
+    world = World(tmp_path, 1)
+    await upgrade(world.db, "tsm")
+    registry = SqlRegistry(world.db)
+    engine = TsmEngine(world.ring, registry, link=None)
+    identity = world.identity("phone-0")
+    try:
+        step = await engine.start(
+            m.InspectSe(command_id="c", device_id="phone-0", se=identity), OperationContext()
+        )
+        assert isinstance(step, Waiting)
+        outcome = world.elements["phone-0"].run_script(
+            ScriptCommand(s.apdu, tuple(s.expect)) for s in step.script.steps
+        )
+        result = m.SeScriptResult(script_id=step.script.script_id,
+                                  responses=list(outcome.responses), completed=True)
+        busy = engine._locks[identity.cin] = asyncio.Lock()
+        await busy.acquire()
+        resumed = asyncio.create_task(engine.resume(result, result.script_id))
+        await asyncio.sleep(0.05)
+        assert not resumed.done()
+        # The lock's holder can still use the database (with the inline SQLite store a
+        # transaction held by the waiting answer would block this for ever).
+        try:
+            operation = await asyncio.wait_for(registry.operation("c"), 2)
+        finally:
+            busy.release()
+        assert operation is not None and operation.status == "running"
+        finished = await asyncio.wait_for(resumed, 5)
+        assert finished is not None and finished.reply.ok
     finally:
         await world.db.close()
