@@ -29,10 +29,11 @@ SILENT = "phone-silent"
 
 
 class World:
-    def __init__(self, tmp_path, count: int, *, random_challenge: set[int] = frozenset()) -> None:
+    def __init__(self, tmp_path, count: int, *, random_challenge: set[int] = frozenset(),
+                 db: Database | None = None) -> None:
         self.ring = MasterKeyRing({0x30: MasterKeys.generate(0x30)}, 0x30)
         self.transport = InProcessTransport()
-        self.db = Database.for_service("tsm", data_dir=tmp_path)
+        self.db = db or Database.for_service("tsm", data_dir=tmp_path)
         factory = JpkiAppletFactory(key_source=PooledKeys(2))
         self.elements: dict[str, SecureElement] = {}
         for n in range(count):
@@ -61,10 +62,13 @@ class World:
             self.workers.append(worker)
 
     async def stop(self) -> None:
+        await self.stop_transport()
+        await self.db.close()
+
+    async def stop_transport(self) -> None:
         for worker in self.workers:
             await worker.stop()
         await self.transport.close()
-        await self.db.close()
 
     async def _phone(self, delivery: Delivery) -> None:
         message = decode(delivery.body)
@@ -105,34 +109,54 @@ async def test_more_commands_than_prefetch_and_two_replicas_all_answered(tmp_pat
     world = World(tmp_path, 40, random_challenge={3, 17})
     await world.start(replicas=2, prefetch=2)
     try:
-        installs = [
-            m.InstallApplet(command_id=f"install-{d}", device_id=d, se=world.identity(d))
-            for d in world.elements
-        ]
-        answers = await world.send(installs)
-        assert all(a.ok and a.installed for a in answers.values())
-        both = [w.scripts_sent for w in world.workers]
-        assert all(both), f"one replica sent no script: {both}"
-        # One script per operation; a random-challenge SE met for the first time needs three
-        # (the first tells its mode, then two rounds).
-        for n, device_id in enumerate(world.elements):
-            expected = 3 if n in (3, 17) else 1
-            assert world.scripts[device_id] == expected
-            assert answers[f"install-{device_id}"].round_trips == expected
-        registry = SqlRegistry(world.db)
-        for n, (device_id, element) in enumerate(world.elements.items()):
-            if n in (3, 17):
-                continue  # a random-challenge SE's counter predicts nothing
-            record = await registry.get(world.identity(device_id).cin)
-            assert record.sequence_counter == (
-                element.manager.domains[element.sp_sd_aid].sequence_counter
-            )
-        # The commands again: stored replies, no new script.
-        again = await world.send(installs)
-        assert again == answers
-        assert sum(world.scripts.values()) == 44
+        await _two_replicas_answer_everything(world)
     finally:
         await world.stop()
+
+
+@pytest.mark.postgres
+async def test_two_replicas_on_postgresql_answer_everything(tmp_path, pg_url, unique) -> None:
+    # Each delivery is one transaction that spans the script's computation; on PostgreSQL
+    # two replicas run them concurrently on their own connections.
+    db = Database.for_service("tsm", url=pg_url, schema=f"tsm_{unique}")
+    await db.ensure_schema()
+    world = World(tmp_path, 40, random_challenge={3, 17}, db=db)
+    try:
+        await world.start(replicas=2, prefetch=2)
+        await _two_replicas_answer_everything(world)
+    finally:
+        await world.stop_transport()
+        await db.drop_schema()
+        await db.close()
+
+
+async def _two_replicas_answer_everything(world: World) -> None:
+    installs = [
+        m.InstallApplet(command_id=f"install-{d}", device_id=d, se=world.identity(d))
+        for d in world.elements
+    ]
+    answers = await world.send(installs)
+    assert all(a.ok and a.installed for a in answers.values())
+    both = [w.scripts_sent for w in world.workers]
+    assert all(both), f"one replica sent no script: {both}"
+    # One script per operation; a random-challenge SE met for the first time needs three
+    # (the first tells its mode, then two rounds).
+    for n, device_id in enumerate(world.elements):
+        expected = 3 if n in (3, 17) else 1
+        assert world.scripts[device_id] == expected
+        assert answers[f"install-{device_id}"].round_trips == expected
+    registry = SqlRegistry(world.db)
+    for n, (device_id, element) in enumerate(world.elements.items()):
+        if n in (3, 17):
+            continue  # a random-challenge SE's counter predicts nothing
+        record = await registry.get(world.identity(device_id).cin)
+        assert record.sequence_counter == (
+            element.manager.domains[element.sp_sd_aid].sequence_counter
+        )
+    # The commands again: stored replies, no new script.
+    again = await world.send(installs)
+    assert again == answers
+    assert sum(world.scripts.values()) == 44
 
 
 async def test_a_phone_that_never_answers_ends_in_a_transient_failure(tmp_path) -> None:
