@@ -225,7 +225,7 @@ class _RabbitSubscription(Subscription):
         self._requested: dict[aiormq.abc.AbstractChannel, list[tuple[int, bool | None]]] = {}
         self._flush_scheduled = False
         self._writing: asyncio.Future[None] | None = None  # a block waiting for the writer
-        self._consumer_channel: aiormq.abc.AbstractChannel | None = None
+        self._consumer_tag: str | None = None
         self._resuming: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -237,14 +237,13 @@ class _RabbitSubscription(Subscription):
         self.unsettled = {c: t for c, t in self.unsettled.items() if not c.is_closed}
         underlay.on_consumer_cancel_callbacks.add(self._cancelled_by_broker)
         ok = await underlay.basic_consume(self.queue, self._on_message)
-        self._consumer_channel = underlay
         self._consumer_tag = ok.consumer_tag
 
     def _reopened(self, _channel: Any) -> None:
         self._resume("reconnected")
 
     def _cancelled_by_broker(self, frame: amqp.Basic.Cancel) -> None:
-        if frame.consumer_tag == getattr(self, "_consumer_tag", None):
+        if frame.consumer_tag == self._consumer_tag:
             self._resume("cancelled by the broker")
 
     def _resume(self, why: str) -> None:
@@ -258,15 +257,20 @@ class _RabbitSubscription(Subscription):
     async def _resume_until_consuming(self) -> None:
         while self.active:
             try:
-                await self._consume_on(await self.channel.get_underlay_channel())
-                log.info("transport.consumer_resumed", queue=self.queue)
-                return
+                # consuming from a queue that is not there would close the channel: look
+                # first, on a channel of its own (a queue deleted meanwhile comes back
+                # here through the channel's reopening)
+                if await self._transport.queue_exists(self.queue):
+                    await self._consume_on(await self.channel.get_underlay_channel())
+                    log.info("transport.consumer_resumed", queue=self.queue)
+                    return
+                log.warning("transport.consumer_waits_for_queue", queue=self.queue)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the broker is still away: try again
                 log.warning("transport.consumer_resume_failed", queue=self.queue,
                             error=type(exc).__name__)
-                await asyncio.sleep(self._reconnect_interval)
+            await asyncio.sleep(self._reconnect_interval)
 
     async def _on_message(self, message: DeliveredMessage) -> None:
         if not self.active:
@@ -520,15 +524,24 @@ class RabbitMQTransport(Transport):
         return TransportError(f"publish not confirmed: {type(exc).__name__}")
 
     async def consume(self, queue: str, handler: Handler, *, prefetch: int = 64) -> Subscription:
+        if not await self.queue_exists(queue):
+            raise TransportError(f"no queue named {queue!r}")
         channel = await self._conn().channel()
         await channel.set_qos(prefetch_count=max(1, prefetch))
-        await channel.get_queue(queue, ensure=True)  # a queue that is not there: an error now
         subscription = _RabbitSubscription(
             channel, queue, handler, self, reconnect_interval=self._reconnect_interval
         )
         await subscription.start()
         self._subscriptions.add(subscription)
         return subscription
+
+    async def queue_exists(self, queue: str) -> bool:
+        async with self._conn().channel() as channel:
+            try:
+                await channel.declare_queue(queue, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                return False
+        return True
 
     async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
         for delivery in deliveries:

@@ -14,10 +14,11 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
 from infra.transport.base import Delivery, Outgoing, TransportError
 from infra.transport.rabbitmq import RabbitMQTransport
-from tests.infra.test_transport import Recorder, depth, eventually, out
+from tests.infra.test_transport import Recorder, ack, depth, eventually, out
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -117,3 +118,23 @@ async def test_consumer_comes_back_after_the_broker_closed_the_connection(
 
 async def _empty(transport: RabbitMQTransport, queue: str) -> bool:
     return await depth(transport, queue) == 0
+
+
+async def test_consumer_comes_back_after_the_broker_cancelled_it(
+    transport: RabbitMQTransport, unique: str
+) -> None:
+    queue = f"q-{unique}"
+    await transport.declare_queue(queue, ["work.#"])
+    recorder = Recorder(ack)
+    await transport.consume(queue, recorder, prefetch=10)
+    # an operator deletes the queue under the consumer (the broker cancels it), then the
+    # queue is declared again
+    with capture_logs() as logs:
+        async with transport._conn().channel() as channel:
+            await channel.queue_delete(queue)
+        async with asyncio.timeout(10):
+            while not any(e["event"] == "transport.consumer_waits_for_queue" for e in logs):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+    await transport.declare_queue(queue, ["work.#"])
+    await publish_until_confirmed(transport, [out("work.x", 1)])
+    assert (await recorder.wait_for(1, seconds=20))[0].message_id == "m1"
