@@ -7,16 +7,26 @@ timeline, saga state, timers) are written once as SQL with ``?`` placeholders, t
 is the common subset of SQLite and PostgreSQL (``ON CONFLICT``, ``RETURNING``); the tables
 are the ones the migrations create, unqualified (PostgreSQL resolves them through the
 connection's ``search_path``).
+
+On the inline SQLite driver the statements go straight to the ``sqlite3`` connection under
+the transaction SQLAlchemy opened: exec_driver_sql's own work per statement (execution
+context, cursor adapter, result wrapper) cost several times what SQLite spends. The rows
+come back as plain tuples (read by position, as every caller does) and SQLite's errors
+are raised as SQLAlchemy's, as through the engine.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
+
+from infra.db.inline_sqlite import InlineConnection
 
 _PLACEHOLDER = re.compile(r"\?")
 
@@ -30,17 +40,52 @@ def for_dialect(sql: str, dialect: str) -> str:
     return _PLACEHOLDER.sub(lambda _: f"${next(counter)}", sql)
 
 
+def _inline_sqlite(conn: AsyncConnection) -> sqlite3.Connection | None:
+    if conn.dialect.name != "sqlite":
+        return None
+    driver = conn.sync_connection.connection.driver_connection  # type: ignore[union-attr]
+    return driver._conn if isinstance(driver, InlineConnection) else None
+
+
+def _as_sqlalchemy_error(sql: str, exc: sqlite3.Error) -> DBAPIError:
+    # parameters left out: they may carry message bodies (the engine hides them too)
+    return DBAPIError.instance(sql, None, exc, sqlite3.Error, hide_parameters=True)
+
+
+async def execute(conn: AsyncConnection, sql: str, params: tuple[Any, ...] = ()) -> int:
+    """Run ``sql`` once; returns the rows changed."""
+    raw = _inline_sqlite(conn)
+    if raw is None:
+        return (await conn.exec_driver_sql(for_dialect(sql, conn.dialect.name), params)).rowcount
+    try:
+        return raw.execute(sql, params).rowcount
+    except sqlite3.Error as exc:
+        raise _as_sqlalchemy_error(sql, exc) from exc
+
+
 async def execute_many(conn: AsyncConnection, sql: str, rows: Sequence[tuple[Any, ...]]) -> int:
     """Run ``sql`` once per row; returns the rows changed (-1 if the driver cannot say)."""
     if not rows:
         return 0
-    result = await conn.exec_driver_sql(for_dialect(sql, conn.dialect.name), list(rows))
-    return result.rowcount
+    raw = _inline_sqlite(conn)
+    if raw is None:
+        result = await conn.exec_driver_sql(for_dialect(sql, conn.dialect.name), list(rows))
+        return result.rowcount
+    try:
+        return raw.executemany(sql, rows).rowcount
+    except sqlite3.Error as exc:
+        raise _as_sqlalchemy_error(sql, exc) from exc
 
 
 async def fetch(conn: AsyncConnection, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
-    result = await conn.exec_driver_sql(for_dialect(sql, conn.dialect.name), params)
-    return list(result.all())
+    raw = _inline_sqlite(conn)
+    if raw is None:
+        result = await conn.exec_driver_sql(for_dialect(sql, conn.dialect.name), params)
+        return list(result.all())
+    try:
+        return raw.execute(sql, params).fetchall()
+    except sqlite3.Error as exc:
+        raise _as_sqlalchemy_error(sql, exc) from exc
 
 
 @functools.lru_cache(maxsize=256)

@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from infra.db import Database
+from infra.db import Database, fast
 
 
 @pytest.fixture
@@ -108,3 +108,22 @@ async def test_postgres_store_recovers_after_its_connections_are_killed(
         await db.drop_schema()
         await db.close()
         await admin.close()
+
+
+async def test_fast_statements_join_the_transaction_and_raise_sqlalchemy_errors(
+    sqlite_db: Database,
+) -> None:
+    with pytest.raises(RuntimeError):
+        async with sqlite_db.transaction() as conn:
+            await fast.execute(conn, "INSERT INTO t VALUES (?, ?)", (1, "raw"))
+            await conn.exec_driver_sql("INSERT INTO t VALUES (2, 'engine')")
+            assert await fast.fetch(conn, "SELECT id, v FROM t ORDER BY id") == [
+                (1, "raw"), (2, "engine")]
+            raise RuntimeError("roll both back")
+    assert await _rows(sqlite_db) == []
+    with pytest.raises(IntegrityError) as failure:
+        async with sqlite_db.transaction() as conn:
+            await fast.execute_many(conn, "INSERT INTO t VALUES (?, ?)",
+                                    [(5, "a secret body"), (5, "a secret body")])
+    assert "secret" not in str(failure.value)  # parameters never in the error's text
+    assert await _rows(sqlite_db) == []

@@ -42,7 +42,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from infra.db.database import Database
-from infra.db.fast import fetch, for_dialect
+from infra.db.fast import execute, fetch
 from protocol.errors import JpkiError
 
 
@@ -322,7 +322,7 @@ def _record_update(record: SeRecord) -> tuple[Any, ...]:
 
 
 async def _execute(conn: AsyncConnection, sql: str, params: tuple[Any, ...]) -> None:
-    await conn.exec_driver_sql(for_dialect(sql, conn.dialect.name), params)
+    await execute(conn, sql, params)
 
 
 async def _one(conn: AsyncConnection, sql: str, params: tuple[Any, ...]) -> Any | None:
