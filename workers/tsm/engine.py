@@ -240,7 +240,10 @@ class TsmEngine:
         assert isinstance(step, Finished)  # without a replay the link answers every script
         return step.reply
 
-    async def start(self, command: m.TsmCommand, context: OperationContext) -> Step:
+    async def start(
+        self, command: m.TsmCommand, context: OperationContext, *,
+        registry: Registry | None = None,
+    ) -> Step:
         """Begin ``command`` without waiting for the phone (the service on the bus).
 
         Runs until the operation needs the phone's answer: the operation — the command,
@@ -248,10 +251,16 @@ class TsmEngine:
         the id of the script it waits for (one registry transaction with the operation's
         record and the SE's), and the script is returned to be sent. Any replica then
         resumes it when ``se.result`` arrives (``resume``).
-        """
-        return await self._run(command, _Replay(context=context))
 
-    async def resume(self, result: m.SeScriptResult | None, script_id: str) -> Step | None:
+        ``registry``: a unit of the registry to join (a batch's transaction) instead of a
+        unit of its own.
+        """
+        return await self._run(command, _Replay(context=context), registry)
+
+    async def resume(
+        self, result: m.SeScriptResult | None, script_id: str, *,
+        registry: Registry | None = None,
+    ) -> Step | None:
         """Go on with the operation waiting for ``script_id``; ``result`` None means the
         phone did not answer in time. None if no operation waits for that script (a late
         or repeated answer).
@@ -260,10 +269,12 @@ class TsmEngine:
         next (its outcome, or its next script). The SE's lock is only taken inside that
         transaction when it is free, without waiting: a task holding it may be waiting for
         the database, so waiting for it here could deadlock. When it is busy the look-up's
-        transaction ends and the operation goes on like a command, lock first.
+        transaction ends and the operation goes on like a command, lock first. A caller
+        passing ``registry`` (a batch's unit, which this cannot end) must be the one task
+        running operations, as the bus worker is: then no lock is ever busy.
         """
-        async with self.registry.unit() as registry:
-            waiting = await registry.waiting_for(script_id)
+        async with (registry or self.registry).unit() as unit:
+            waiting = await unit.waiting_for(script_id)
             if waiting is None:
                 return None
             if waiting.status == "done" and waiting.reply is not None:
@@ -288,10 +299,12 @@ class TsmEngine:
                 if lock is None:
                     lock = self._locks[command.se.cin] = asyncio.Lock()
                 async with lock:  # free: taken without suspending
-                    return await self._run_locked(command, replay, registry)
-        return await self._run(command, replay)
+                    return await self._run_locked(command, replay, unit)
+        return await self._run(command, replay, registry)
 
-    async def _run(self, command: m.TsmCommand, replay: _Replay | None) -> Step:
+    async def _run(
+        self, command: m.TsmCommand, replay: _Replay | None, registry: Registry | None = None
+    ) -> Step:
         lock = self._locks.get(command.se.cin)
         if lock is None:
             lock = self._locks[command.se.cin] = asyncio.Lock()
@@ -304,8 +317,8 @@ class TsmEngine:
             # new command's record, its SE's, and its state with the script it waits for
             # commit together, or not at all (a crash before the commit leaves nothing, and
             # the redelivered command starts afresh, as after a crash between the calls).
-            async with self.registry.unit() as registry:
-                return await self._run_locked(command, replay, registry)
+            async with (registry or self.registry).unit() as unit:
+                return await self._run_locked(command, replay, unit)
 
     async def _run_locked(
         self, command: m.TsmCommand, replay: _Replay | None, registry: Registry

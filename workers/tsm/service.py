@@ -9,35 +9,56 @@ registry (``TsmEngine.resume``), sends the next script or publishes the reply, t
 So the queue's prefetch never fills with commands waiting for results behind them, and
 any number of replicas share one queue.
 
-A delivery is acked only after what it caused is stored and published: a replica that
-dies in between has it redelivered, and every step is safe to run again (a command
-restarts its operation; a result whose operation already moved on is dropped; a result
-whose operation finished republishes the stored reply). Operations whose phone does not
-answer within ``script_timeout_s`` end with a transient ``phone_unreachable`` reply.
+Deliveries are handled in batches by one worker task, all of a batch's registry work in
+one transaction (group commit: one commit for up to ``batch_size`` deliveries instead of
+one each, which on SQLite was most of the TSM's database cost and on PostgreSQL one
+fsync each). If a batch fails, its deliveries run again one by one, so one bad delivery
+costs only itself. A delivery is acked only after what it caused is committed and
+published: a replica that dies in between has it redelivered, and every step is safe to
+run again (a command restarts its operation; a result whose operation already moved on
+is dropped; a result whose operation finished republishes the stored reply). Operations
+whose phone does not answer within ``script_timeout_s`` end with a transient
+``phone_unreachable`` reply; the sweeper that finds them hands them to the same worker,
+so one task alone runs the engine and takes its per-SE locks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from dataclasses import dataclass
 
 import structlog
 
 from infra.bus import SERVICE_QUEUES
 from infra.db import Database, upgrade
 from infra.db.outbox import outgoing
-from infra.transport.base import Delivery, Subscription, Transport
+from infra.transport.base import Delivery, Outgoing, Subscription, Transport
 from protocol.envelope import InvalidMessage, build, decode
 from workers.tsm import messages as m
 from workers.tsm.engine import Finished, OperationContext, Step, TsmEngine, Waiting
 from workers.tsm.keys import MasterKeyRing
-from workers.tsm.registry import SqlRegistry
+from workers.tsm.registry import Registry, SqlRegistry
 
 log = structlog.get_logger("tsm.worker")
 
 QUEUE = "tsm"
 SCRIPT_TIMEOUT_S = 10.0
 SWEEP_INTERVAL_S = 1.0
+
+
+@dataclass(slots=True)
+class _Work:
+    """One unit for the worker: a delivery with its message, or a script whose phone did
+    not answer in time (``delivery`` None)."""
+
+    delivery: Delivery | None
+    body: m.SeScriptResult | m.TsmCommand | None
+    saga_id: str | None = None
+    device_id: str | None = None
+    causation_id: str | None = None
+    script_id: str | None = None
 
 
 class TsmWorker:
@@ -48,20 +69,27 @@ class TsmWorker:
         keys: MasterKeyRing,
         *,
         prefetch: int = 256,
+        batch_size: int = 64,
         script_timeout_s: float = SCRIPT_TIMEOUT_S,
     ) -> None:
         self.db = db
         self.transport = transport
         self.engine = TsmEngine(keys, SqlRegistry(db), link=None)
         self._prefetch = prefetch
+        self._batch_size = batch_size
         self._script_timeout = script_timeout_s
         self._subscription: Subscription | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._pending: list[_Work] = []
+        self._arrived = asyncio.Event()
+        self._timing_out: set[str] = set()  # script ids handed to the worker by the sweeper
         self.scripts_sent = 0
 
     async def start(self) -> None:
         await upgrade(self.db, "tsm")
         await self.transport.declare_queue(QUEUE, SERVICE_QUEUES[QUEUE])
+        self._worker = asyncio.create_task(self._work(), name="tsm-worker")
         self._subscription = await self.transport.consume(QUEUE, self._on_delivery,
                                                           prefetch=self._prefetch)
         self._sweeper = asyncio.create_task(self._sweep())
@@ -71,10 +99,14 @@ class TsmWorker:
         if self._subscription is not None:
             await self._subscription.cancel()
             self._subscription = None
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            await asyncio.gather(self._sweeper, return_exceptions=True)
-            self._sweeper = None
+        for task in (self._sweeper, self._worker):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._sweeper = self._worker = None
+        self._pending.clear()  # the cancelled subscription gave these back to the queue
+        self._timing_out.clear()
 
     async def _on_delivery(self, delivery: Delivery) -> None:
         try:
@@ -83,55 +115,111 @@ class TsmWorker:
             await delivery.park(str(exc))
             return
         body, envelope = message.body, message.envelope
-        try:
-            if isinstance(body, m.SeScriptResult):
-                step = await self.engine.resume(body, body.script_id)
-                if step is None:
-                    log.info("tsm.late_script_result", script_id=body.script_id)
-            elif isinstance(body, m.TsmCommand):
-                context = OperationContext(saga_id=envelope.saga_id,
-                                           device_id=envelope.device_id,
-                                           causation_id=envelope.message_id)
-                step = await self.engine.start(body, context)
-            else:
-                await delivery.park(f"not a TSM message: {envelope.type}")
-                return
-            if step is not None:
-                await self._publish(step)
-        except Exception as exc:  # an engine or store fault: retry via the delivery limit
-            log.error("tsm.delivery_failed", type=envelope.type, error=type(exc).__name__)
-            await delivery.retry()
+        if not isinstance(body, m.SeScriptResult | m.TsmCommand):
+            await delivery.park(f"not a TSM message: {envelope.type}")
             return
-        await delivery.ack()
+        # Returns unsettled: the worker settles it once its batch commits.
+        self._pending.append(_Work(delivery, body, saga_id=envelope.saga_id,
+                                   device_id=envelope.device_id,
+                                   causation_id=envelope.message_id))
+        self._arrived.set()
 
-    async def _publish(self, step: Step) -> None:
+    async def _work(self) -> None:
+        while True:
+            await self._arrived.wait()
+            self._arrived.clear()
+            while self._pending:
+                batch = self._pending[: self._batch_size]
+                del self._pending[: len(batch)]
+                await self._run_batch(batch)
+
+    async def _run_batch(self, batch: list[_Work]) -> None:
+        try:
+            async with self.engine.registry.unit() as registry:
+                steps = [await self._handle(work, registry) for work in batch]
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # an engine or store fault
+            if len(batch) > 1:
+                log.warning("tsm.batch_failed_retrying_singly", size=len(batch),
+                            error=type(exc).__name__)
+                for work in batch:
+                    await self._run_batch([work])
+                return
+            await self._failed(batch[0], exc)
+            return
+        outgoing_messages = [self._outgoing(step) for step in steps if step is not None]
+        try:
+            if outgoing_messages:
+                await self.transport.publish(outgoing_messages)
+        except Exception as exc:  # committed but not out: a redelivery publishes it again
+            log.error("tsm.publish_failed", size=len(outgoing_messages),
+                      error=type(exc).__name__)
+            for work in batch:
+                await self._settle_retry(work)
+            return
+        self.scripts_sent += sum(isinstance(step, Waiting) for step in steps)
+        deliveries = [work.delivery for work in batch if work.delivery is not None]
+        with contextlib.suppress(Exception):  # a lost ack means a redelivery: safe to rerun
+            await self.transport.ack_many(deliveries)
+        for work in batch:
+            if work.script_id is not None:
+                self._timing_out.discard(work.script_id)
+
+    async def _handle(self, work: _Work, registry: Registry) -> Step | None:
+        if work.delivery is None:  # the sweeper's: the phone did not answer in time
+            assert work.script_id is not None
+            step = await self.engine.resume(None, work.script_id, registry=registry)
+            if step is not None:
+                log.warning("tsm.phone_did_not_answer", script_id=work.script_id)
+            return step
+        if isinstance(work.body, m.SeScriptResult):
+            step = await self.engine.resume(work.body, work.body.script_id, registry=registry)
+            if step is None:
+                log.info("tsm.late_script_result", script_id=work.body.script_id)
+            return step
+        assert isinstance(work.body, m.TsmCommand)
+        context = OperationContext(saga_id=work.saga_id, device_id=work.device_id,
+                                   causation_id=work.causation_id)
+        return await self.engine.start(work.body, context, registry=registry)
+
+    async def _failed(self, work: _Work, exc: Exception) -> None:
+        log.error("tsm.delivery_failed", error=type(exc).__name__,
+                  type=type(work.body).__name__ if work.body is not None else "timeout")
+        await self._settle_retry(work)
+
+    async def _settle_retry(self, work: _Work) -> None:
+        if work.delivery is not None:
+            with contextlib.suppress(Exception):
+                await work.delivery.retry()  # retry via the delivery limit
+        elif work.script_id is not None:
+            self._timing_out.discard(work.script_id)  # the next sweep finds it again
+
+    def _outgoing(self, step: Step) -> Outgoing:
         context = step.context
         if isinstance(step, Waiting):
             message = build(step.script, saga_id=context.saga_id, device_id=step.device_id)
-            await self.transport.publish(
-                [outgoing(message, routing_key=f"device.{step.device_id}")]
-            )
-            self.scripts_sent += 1
-            return
+            return outgoing(message, routing_key=f"device.{step.device_id}")
         assert isinstance(step, Finished)
         answer = build(step.reply, saga_id=context.saga_id, device_id=context.device_id,
                        causation_id=context.causation_id)
-        await self.transport.publish([outgoing(answer)])
+        return outgoing(answer)
 
     async def _sweep(self) -> None:
-        """End operations whose phone never answered (any replica may; a second ending of
-        the same operation finds it already done and republishes the same reply)."""
+        """Hand the worker the operations whose phone never answered (any replica may; a
+        second ending of the same operation finds it already done and republishes the
+        same reply)."""
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             try:
-                for script_id in await self.engine.registry.overdue(
-                    time.time() - self._script_timeout
-                ):
-                    step = await self.engine.resume(None, script_id)
-                    if step is not None:
-                        log.warning("tsm.phone_did_not_answer", script_id=script_id)
-                        await self._publish(step)
+                overdue = await self.engine.registry.overdue(time.time() - self._script_timeout)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the store or the broker is away: try next round
                 log.error("tsm.sweep_failed", error=type(exc).__name__)
+                continue
+            fresh = [script_id for script_id in overdue if script_id not in self._timing_out]
+            if fresh:
+                self._timing_out.update(fresh)
+                self._pending.extend(_Work(None, None, script_id=s) for s in fresh)
+                self._arrived.set()

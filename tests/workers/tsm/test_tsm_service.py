@@ -293,3 +293,41 @@ async def test_an_answer_for_a_busy_se_waits_for_it_outside_the_transaction(tmp_
         assert finished is not None and finished.reply.ok
     finally:
         await world.db.close()
+
+
+async def test_deliveries_commit_in_batches_and_a_bad_one_costs_only_itself(
+    tmp_path, monkeypatch
+) -> None:
+    world = World(tmp_path, 30)
+    await world.start(replicas=1, prefetch=64)
+    worker = world.workers[0]
+    opened: list[int] = []
+    transaction = world.db.transaction
+
+    def counting():  # noqa: ANN202 - the database's own context manager
+        opened.append(1)
+        return transaction()
+
+    monkeypatch.setattr(world.db, "transaction", counting)
+    start = worker.engine.start
+    failed_once: set[str] = set()
+
+    async def start_failing_once(command, context, **kwargs):  # noqa: ANN001, ANN202
+        if command.command_id == "inspect-phone-7" and not failed_once:
+            failed_once.add(command.command_id)
+            raise RuntimeError("store fault")
+        return await start(command, context, **kwargs)
+
+    monkeypatch.setattr(worker.engine, "start", start_failing_once)
+    try:
+        commands = [m.InspectSe(command_id=f"inspect-{d}", device_id=d, se=world.identity(d))
+                    for d in world.elements]
+        answers = await world.send(commands)
+        assert all(answer.ok for answer in answers.values())
+        assert failed_once == {"inspect-phone-7"}  # it failed, was retried and answered
+        assert world.scripts == dict.fromkeys(world.elements, 1)
+        # 60 deliveries (30 commands, 30 script results) in far fewer commits; the failed
+        # batch's deliveries ran once more one by one, and the bad one was retried
+        assert len(opened) < 60, len(opened)
+    finally:
+        await world.stop()
