@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import struct
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -48,7 +49,6 @@ from aio_pika.abc import (
 )
 from aiormq.abc import ChannelFrame, DeliveredMessage
 from pamqp import commands as amqp
-from pamqp.header import ContentHeader
 
 from infra.transport.base import (
     DEFAULT_DELIVERY_LIMIT,
@@ -700,6 +700,56 @@ def _forget_message_id(
         del channel.message_id_delivery_tag[message_id]  # type: ignore[attr-defined]
 
 
+# AMQP 0-9-1 wire format (spec §2.3.5, §4.2.6) of what ``_write_publishes`` sends:
+# basic.publish (class 60, method 40, reserved short 0, exchange, routing key, mandatory
+# bit), a content header (class 60, weight 0, body size, property flags and the set
+# properties in flag order) and body frames. pamqp builds and marshals an object per
+# frame, half the CPU of a publish; these are the same bytes (a test compares them).
+_FRAME_END = b"\xce"
+_METHOD_FRAME, _HEADER_FRAME, _BODY_FRAME = 1, 2, 3
+_PUBLISH_HEAD = struct.pack(">HHH", 60, 40, 0)
+_MANDATORY = b"\x01"
+_CONTENT_HEAD = struct.pack(">HH", 60, 0)
+# content-type, headers, delivery-mode, message-id (AMQP 0-9-1 §4.2.6.1: bit 15 first)
+_PROPERTY_FLAGS = struct.pack(">H", 0x8000 | 0x2000 | 0x1000 | 0x0080)
+_JSON = b"\x10application/json"
+_PERSISTENT = b"\x02"
+
+
+def _shortstr(text: str) -> bytes:
+    raw = text.encode()
+    if len(raw) > 255:
+        raise ValueError("an AMQP short string holds at most 255 bytes")
+    return bytes((len(raw),)) + raw
+
+
+def _frame(kind: int, channel_number: int, payload: bytes) -> bytes:
+    return struct.pack(">BHI", kind, channel_number, len(payload)) + payload + _FRAME_END
+
+
+def _string_table(headers: Mapping[str, str]) -> bytes:
+    entries = b"".join(
+        _shortstr(name) + b"S" + struct.pack(">I", len(raw)) + raw
+        for name, raw in ((name, value.encode()) for name, value in sorted(headers.items()))
+    )
+    return struct.pack(">I", len(entries)) + entries
+
+
+def encoded_publish(
+    channel_number: int, exchange: str, message: Outgoing, message_id: str, max_content: int
+) -> bytes:
+    """The frames of one persistent, mandatory JSON publish, ready for the socket."""
+    method = _PUBLISH_HEAD + _shortstr(exchange) + _shortstr(message.routing_key) + _MANDATORY
+    body = message.body
+    header = (_CONTENT_HEAD + struct.pack(">Q", len(body)) + _PROPERTY_FLAGS + _JSON
+              + _string_table(message.headers) + _PERSISTENT + _shortstr(message_id))
+    frames = [_frame(_METHOD_FRAME, channel_number, method),
+              _frame(_HEADER_FRAME, channel_number, header)]
+    frames.extend(_frame(_BODY_FRAME, channel_number, body[start:start + max_content])
+                  for start in range(0, len(body), max_content))
+    return b"".join(frames)
+
+
 async def _write_publishes(
     channel: aiormq.abc.AbstractChannel, exchange: str, messages: Sequence[Outgoing]
 ) -> list[asyncio.Future[Any]]:
@@ -712,38 +762,28 @@ async def _write_publishes(
     the channel's lock, and hands the frames to the connection's writer at once.
     """
     state: Any = channel  # aiormq.Channel's bookkeeping is not on its abstract interface
-    frames: list[Any] = []
+    # a basic.return names the message by its id: it must be there and unique
+    message_ids = [message.message_id or uuid.uuid4().hex for message in messages]
+    payload = b"".join(
+        encoded_publish(state.number, exchange, message, message_id, state.max_content_size)
+        for message, message_id in zip(messages, message_ids, strict=True)
+    )
     confirmations: list[asyncio.Future[Any]] = []
     registered: list[tuple[int, str]] = []
     async with state.lock:
         first_tag = state.delivery_tag
-        for message in messages:
+        for message_id in message_ids:
             state.delivery_tag += 1
             tag = state.delivery_tag
-            # a basic.return names the message by its id: it must be there and unique
-            message_id = message.message_id or uuid.uuid4().hex
             confirmation = state.create_future()
             state.confirmations[tag] = confirmation
             state.message_id_delivery_tag[message_id] = tag
             registered.append((tag, message_id))
             confirmations.append(confirmation)
-            frames.append(amqp.Basic.Publish(exchange=exchange, routing_key=message.routing_key,
-                                             mandatory=True))
-            frames.append(ContentHeader(
-                body_size=len(message.body),
-                properties=amqp.Basic.Properties(
-                    content_type="application/json",
-                    delivery_mode=2,  # persistent
-                    headers=dict(message.headers),
-                    message_id=message_id,
-                ),
-            ))
-            frames.extend(state._split_body(message.body))
         drain = state.create_future()
         try:
             await state.write_queue.put(
-                ChannelFrame.marshall(channel_number=state.number, frames=frames,
-                                      drain_future=drain)
+                ChannelFrame(payload=payload, should_close=False, drain_future=drain)
             )
         except BaseException:
             # nothing reached the writer: give the tags back, as basic_publish does
