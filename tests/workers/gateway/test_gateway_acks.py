@@ -147,3 +147,42 @@ async def test_up_messages_go_out_in_batches_each_device_in_order(
 
 async def _append(got: list[Message], message: Message) -> None:
     got.append(message)
+
+
+@message_type("se.result.acktest_ran", 1)
+class Ran(msgspec.Struct, frozen=True):
+    n: int
+
+
+async def test_an_unroutable_message_in_a_batch_is_parked_and_the_rest_delivered(
+    mqtt_url: str, unique: str
+) -> None:
+    root, group = f"jpki-test-{unique}/dev", f"gw-{unique}"
+    bus = SlowConfirms()
+    await bus.connect()
+    await bus.declare_queue("orchestrator", ["app.event.#"])  # nothing takes se.result.*
+    got: list[Message] = []
+    await Bus(bus).subscribe("orchestrator", lambda message: _append(got, message))
+    gateway = Gateway(bus, mqtt_url, name=f"g-{unique}", topic_root=root, share_group=group,
+                      backoff=FAST)
+    await gateway.start()
+    phones = [MqttPhoneLink(mqtt_url, f"mixed-{unique}-{p}", topic_root=root, backoff=FAST)
+              for p in range(6)]
+    try:
+        for phone in phones:
+            await phone.start(lambda message: asyncio.sleep(0))
+        await asyncio.gather(*(
+            phone.send(build(Ran(p) if p % 2 else Tapped(p), device_id=phone.device_id))
+            for p, phone in enumerate(phones)
+        ))
+        async with asyncio.timeout(15):
+            while len(got) < 3 or gateway.stats.parked < 3:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+    finally:
+        for phone in phones:
+            await phone.close(forget=True)
+        await gateway.stop(forget=True)
+    assert sorted(m.body.n for m in got) == [0, 2, 4]
+    parked = await bus.parked(gateway.up_queue)
+    assert sorted(p.reason.split(":")[0] for p in parked) == ["Unroutable"] * 3
+    assert gateway.stats.up == 3
