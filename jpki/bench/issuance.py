@@ -4,14 +4,15 @@ Runs the main job's stack (orchestrator, TSM and CA workers, the phone link, a f
 new phones applying for both certificates, SE and card keys from the PRE-GENERATED POOL)
 either on the embedded default or on RabbitMQ + Mosquitto + PostgreSQL. On the real
 services the run is isolated: its own RabbitMQ virtual host (management API), its own
-PostgreSQL schemas and its own MQTT topic root, all removed afterwards. It prints the
-figures with the machine and its load average, because on a shared 2-core box the load
-decides them.
+PostgreSQL schemas, its own MQTT topic root and device ids (so its phones' MQTT client
+ids too), all removed afterwards. It prints the figures with the machine and its load
+average, because on a shared 2-core box the load decides them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import tempfile
@@ -53,6 +54,9 @@ async def _bench(settings: RunSettings, services: Services | None, amqp_url: str
         outcome = await run_stack(settings, Services())
     else:
         vhost_url = await _vhost(management_url, amqp_url, f"jpki-bench-{tag}", create=True)
+        # the phones' MQTT client ids derive from their device ids: two runs at once on one
+        # broker with the same ids would take each other's sessions over, again and again
+        settings = dataclasses.replace(settings, device_prefix=f"bench{tag}")
         services = Services(amqp_url=vhost_url, mqtt_url=services.mqtt_url,
                             db_url=services.db_url, schema_suffix=f"_bench_{tag}",
                             topic_root=f"jpki-bench-{tag}/dev")
