@@ -146,7 +146,9 @@ class SagaEngine:
             batch_size=batch_size, prefetch=prefetch, clock=clock,
         )
         self._timer_interval = timer_interval
+        # prometheus_client's labels() takes a lock and checks every label on each call
         self._latency_children: dict[tuple[str, str, str], Any] = {}
+        self._transition_children: dict[tuple[str, str], Any] = {}
         self._gauge_interval = 5.0
         self._timer_full_poll = timer_full_poll
         self._next_timer = 0.0  # earliest fire_at known here: poll at start
@@ -428,8 +430,12 @@ class SagaEngine:
         self._after_commit_metrics(fx)
 
     def _after_commit_metrics(self, fx: Effects) -> None:
+        counters = self._transition_children
         for flow, _before, after in fx.transitions:
-            SAGA_TRANSITIONS.labels(flow, after).inc()
+            counter = counters.get((flow, after))
+            if counter is None:
+                counter = counters[(flow, after)] = SAGA_TRANSITIONS.labels(flow, after)
+            counter.inc()
         histograms = self._latency_children
         for flow, step, outcome, seconds in fx.latencies:
             child = histograms.get((flow, step, outcome))
