@@ -38,7 +38,6 @@ from sqlalchemy import (
     Table,
     select,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from infra.db.database import Database
@@ -275,6 +274,12 @@ _SE_UPDATED = ", ".join(f"{name} = ?" for name in _FIELDS if name != "cin")
 # (Only column names are formatted in, never a value: every value is a ``?`` parameter.)
 _SELECT_SE = f"SELECT {_SE_COLUMNS} FROM secure_elements WHERE cin = ?"  # noqa: S608
 _UPDATE_SE = f"UPDATE secure_elements SET {_SE_UPDATED}, updated_at = ? WHERE cin = ?"  # noqa: S608
+# First contact, with ``_record_update``'s parameters (the cin last)
+_SE_INSERTED = ", ".join([*(name for name in _FIELDS if name != "cin"), "updated_at", "cin"])
+_INSERT_SE = (
+    f"INSERT INTO secure_elements ({_SE_INSERTED}) VALUES ({', '.join('?' * len(_FIELDS))}, ?)"  # noqa: S608
+    " ON CONFLICT (cin) DO NOTHING"
+)
 _OPERATION_COLUMNS = "command_id, cin, operation, status, reply, script_id, state, updated_at"
 _SELECT_OPERATION = (
     f"SELECT {_OPERATION_COLUMNS} FROM tsm_operations WHERE command_id = ?"  # noqa: S608
@@ -353,19 +358,9 @@ class SqlRegistry:
         async with self.db.transaction() as conn:
             yield conn
 
-    def _insert(self, conn_dialect: str):  # noqa: ANN202 - dialect-specific insert construct
-        return (postgresql if conn_dialect == "postgresql" else sqlite).insert
-
     async def add(self, record: SeRecord) -> None:
-        values = {name: getattr(record, name) for name in _FIELDS}
-        values["updated_at"] = time.time()
         async with self._transaction() as conn:
-            insert = self._insert(conn.dialect.name)
-            await conn.execute(
-                insert(secure_elements).values(**values).on_conflict_do_nothing(
-                    index_elements=["cin"]
-                )
-            )
+            await _execute(conn, _INSERT_SE, _record_update(record))
 
     async def get(self, cin: str) -> SeRecord:
         async with self._transaction() as conn:
