@@ -9,6 +9,7 @@ in the process list and the shell history).
 from __future__ import annotations
 
 import asyncio
+import signal
 from pathlib import Path
 
 import click
@@ -125,16 +126,17 @@ def serve_command(data_dir: Path, db_url: str | None, host: str, port: int) -> N
     from workers.ca.http import serve
 
     async def go() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a clean stop, exit status 0
+            loop.add_signal_handler(signum, stop.set)
         ca = await _open(data_dir, db_url)
         runner = await serve(ca, host, port)
         click.echo(f"OCSP responder on http://{host}:{port}/", err=True)
         try:
-            await asyncio.Event().wait()
+            await stop.wait()
         finally:
             await runner.cleanup()
             await ca.close()
 
-    try:
-        asyncio.run(go())
-    except KeyboardInterrupt:
-        pass
+    asyncio.run(go())
