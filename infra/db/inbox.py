@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from infra.batches import Batches
 from infra.db.database import Database
 from infra.db.fast import chunks, fetch, values_list
 from infra.db.outbox import OutboxRelay, add_to_outbox
@@ -97,18 +98,17 @@ class InboxConsumer:
         self._handle_batch = handle_batch
         self._around_batch = around_batch
         self._relay = relay
-        self._batch_size = batch_size
         self._prefetch = prefetch
         self._clock = clock
-        self._pending: list[tuple[Delivery, Message]] = []
-        self._arrived = asyncio.Event()
-        self._worker: asyncio.Task[None] | None = None
+        self._batches: Batches[tuple[Delivery, Message]] = Batches(
+            self._run_batch_safely, batch_size=batch_size, name=f"inbox-{queue}"
+        )
         self._subscription: Subscription | None = None
         self.handled = 0
         self.duplicates = 0
 
     async def start(self) -> None:
-        self._worker = asyncio.create_task(self._work(), name=f"inbox-{self._queue}")
+        self._batches.start()
         self._subscription = await self._transport.consume(
             self._queue, self._on_delivery, prefetch=self._prefetch
         )
@@ -117,12 +117,7 @@ class InboxConsumer:
         if self._subscription is not None:
             await self._subscription.cancel()
             self._subscription = None
-        worker, self._worker = self._worker, None
-        if worker is not None:
-            worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
-        self._pending.clear()  # the cancelled subscription gave these back to the queue
+        await self._batches.stop()
 
     async def _on_delivery(self, delivery: Delivery) -> None:
         try:
@@ -134,25 +129,18 @@ class InboxConsumer:
             return
         # Returns unsettled: the worker settles it once its batch commits, and until then
         # it stays in flight (counted against prefetch). No task or future waits for it.
-        self._pending.append((delivery, message))
-        self._arrived.set()
+        self._batches.put((delivery, message))
 
-    async def _work(self) -> None:
-        while True:
-            await self._arrived.wait()
-            self._arrived.clear()
-            while self._pending:
-                batch = self._pending[: self._batch_size]
-                del self._pending[: len(batch)]
-                try:
-                    await self._run_batch(batch)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("inbox_batch_crashed", queue=self._queue)
-                    for delivery, _ in batch:  # give back what is not settled yet
-                        with contextlib.suppress(Exception):
-                            await delivery.retry()
+    async def _run_batch_safely(self, batch: list[tuple[Delivery, Message]]) -> None:
+        try:
+            await self._run_batch(batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("inbox_batch_crashed", queue=self._queue)
+            for delivery, _ in batch:  # give back what is not settled yet
+                with contextlib.suppress(Exception):
+                    await delivery.retry()
 
     async def _run_batch(self, batch: list[tuple[Delivery, Message]]) -> None:
         try:

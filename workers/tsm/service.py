@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from infra.batches import Batches
 from infra.bus import SERVICE_QUEUES
 from infra.db import Database, upgrade
 from infra.db.outbox import outgoing
@@ -76,20 +77,18 @@ class TsmWorker:
         self.transport = transport
         self.engine = TsmEngine(keys, SqlRegistry(db), link=None)
         self._prefetch = prefetch
-        self._batch_size = batch_size
         self._script_timeout = script_timeout_s
         self._subscription: Subscription | None = None
         self._sweeper: asyncio.Task[None] | None = None
-        self._worker: asyncio.Task[None] | None = None
-        self._pending: list[_Work] = []
-        self._arrived = asyncio.Event()
+        self._batches: Batches[_Work] = Batches(self._run_batch, batch_size=batch_size,
+                                                name="tsm-worker")
         self._timing_out: set[str] = set()  # script ids handed to the worker by the sweeper
         self.scripts_sent = 0
 
     async def start(self) -> None:
         await upgrade(self.db, "tsm")
         await self.transport.declare_queue(QUEUE, SERVICE_QUEUES[QUEUE])
-        self._worker = asyncio.create_task(self._work(), name="tsm-worker")
+        self._batches.start()
         self._subscription = await self.transport.consume(QUEUE, self._on_delivery,
                                                           prefetch=self._prefetch)
         self._sweeper = asyncio.create_task(self._sweep())
@@ -99,13 +98,12 @@ class TsmWorker:
         if self._subscription is not None:
             await self._subscription.cancel()
             self._subscription = None
-        for task in (self._sweeper, self._worker):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._sweeper = self._worker = None
-        self._pending.clear()  # the cancelled subscription gave these back to the queue
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        await self._batches.stop()
         self._timing_out.clear()
 
     async def _on_delivery(self, delivery: Delivery) -> None:
@@ -119,19 +117,8 @@ class TsmWorker:
             await delivery.park(f"not a TSM message: {envelope.type}")
             return
         # Returns unsettled: the worker settles it once its batch commits.
-        self._pending.append(_Work(delivery, body, saga_id=envelope.saga_id,
-                                   device_id=envelope.device_id,
-                                   causation_id=envelope.message_id))
-        self._arrived.set()
-
-    async def _work(self) -> None:
-        while True:
-            await self._arrived.wait()
-            self._arrived.clear()
-            while self._pending:
-                batch = self._pending[: self._batch_size]
-                del self._pending[: len(batch)]
-                await self._run_batch(batch)
+        self._batches.put(_Work(delivery, body, saga_id=envelope.saga_id,
+                                device_id=envelope.device_id, causation_id=envelope.message_id))
 
     async def _run_batch(self, batch: list[_Work]) -> None:
         try:
@@ -221,5 +208,4 @@ class TsmWorker:
             fresh = [script_id for script_id in overdue if script_id not in self._timing_out]
             if fresh:
                 self._timing_out.update(fresh)
-                self._pending.extend(_Work(None, None, script_id=s) for s in fresh)
-                self._arrived.set()
+                self._batches.put_many([_Work(None, None, script_id=s) for s in fresh])
