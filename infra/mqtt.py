@@ -182,6 +182,8 @@ def phone_password(secret: bytes, device_id: str) -> str:
 
 
 def read_phone_secret(path: Path) -> bytes:
+    """The provisioning secret: a text file (as ``deploy/init-secrets.sh`` writes it), read
+    without the whitespace around it."""
     try:
         secret = path.read_bytes().strip()
     except OSError:

@@ -104,7 +104,9 @@ class Broker:
 def broker(tmp_path: Path, unique: str) -> Iterator[Broker]:
     mosquitto, mosquitto_passwd = _tool("mosquitto"), _tool("mosquitto_passwd")
     (tmp_path / "data").mkdir()
-    phone_secret = secrets.token_bytes(32)
+    # a text secret, as deploy/init-secrets.sh makes: the file is read with its whitespace
+    # stripped, so random bytes with a space or newline at an end would not match it
+    phone_secret = secrets.token_urlsafe(32).encode()
     gateway_password = secrets.token_urlsafe(16)
     (tmp_path / "phone.secret").write_bytes(phone_secret)
     (tmp_path / "gateway.password").write_text(gateway_password + "\n")
