@@ -36,7 +36,7 @@ from infra.bus import SERVICE_QUEUES
 from infra.db import Database, upgrade
 from infra.db.outbox import outgoing
 from infra.transport.base import Delivery, Outgoing, Subscription, Transport
-from protocol.envelope import InvalidMessage, build, decode
+from protocol.envelope import InvalidMessage, Message, build, decode
 from workers.tsm import messages as m
 from workers.tsm.engine import Finished, OperationContext, Step, TsmEngine, Waiting
 from workers.tsm.keys import MasterKeyRing
@@ -51,15 +51,12 @@ SWEEP_INTERVAL_S = 1.0
 
 @dataclass(slots=True)
 class _Work:
-    """One unit for the worker: a delivery with its message, or a script whose phone did
-    not answer in time (``delivery`` None)."""
+    """One unit for the worker: a delivery with its decoded message, or the id of a script
+    whose phone did not answer in time (from the sweeper)."""
 
-    delivery: Delivery | None
-    body: m.SeScriptResult | m.TsmCommand | None
-    saga_id: str | None = None
-    device_id: str | None = None
-    causation_id: str | None = None
-    script_id: str | None = None
+    delivery: Delivery | None = None
+    message: Message | None = None
+    timed_out: str | None = None
 
 
 class TsmWorker:
@@ -112,13 +109,11 @@ class TsmWorker:
         except InvalidMessage as exc:
             await delivery.park(str(exc))
             return
-        body, envelope = message.body, message.envelope
-        if not isinstance(body, m.SeScriptResult | m.TsmCommand):
-            await delivery.park(f"not a TSM message: {envelope.type}")
+        if not isinstance(message.body, m.SeScriptResult | m.TsmCommand):
+            await delivery.park(f"not a TSM message: {message.envelope.type}")
             return
         # Returns unsettled: the worker settles it once its batch commits.
-        self._batches.put(_Work(delivery, body, saga_id=envelope.saga_id,
-                                device_id=envelope.device_id, causation_id=envelope.message_id))
+        self._batches.put(_Work(delivery, message))
 
     async def _run_batch(self, batch: list[_Work]) -> None:
         try:
@@ -150,37 +145,37 @@ class TsmWorker:
         with contextlib.suppress(Exception):  # a lost ack means a redelivery: safe to rerun
             await self.transport.ack_many(deliveries)
         for work in batch:
-            if work.script_id is not None:
-                self._timing_out.discard(work.script_id)
+            if work.timed_out is not None:
+                self._timing_out.discard(work.timed_out)
 
     async def _handle(self, work: _Work, registry: Registry) -> Step | None:
-        if work.delivery is None:  # the sweeper's: the phone did not answer in time
-            assert work.script_id is not None
-            step = await self.engine.resume(None, work.script_id, registry=registry)
+        if work.message is None:  # the sweeper's: the phone did not answer in time
+            assert work.timed_out is not None
+            step = await self.engine.resume(None, work.timed_out, registry=registry)
             if step is not None:
-                log.warning("tsm.phone_did_not_answer", script_id=work.script_id)
+                log.warning("tsm.phone_did_not_answer", script_id=work.timed_out)
             return step
-        if isinstance(work.body, m.SeScriptResult):
-            step = await self.engine.resume(work.body, work.body.script_id, registry=registry)
+        body, envelope = work.message.body, work.message.envelope
+        if isinstance(body, m.SeScriptResult):
+            step = await self.engine.resume(body, body.script_id, registry=registry)
             if step is None:
-                log.info("tsm.late_script_result", script_id=work.body.script_id)
+                log.info("tsm.late_script_result", script_id=body.script_id)
             return step
-        assert isinstance(work.body, m.TsmCommand)
-        context = OperationContext(saga_id=work.saga_id, device_id=work.device_id,
-                                   causation_id=work.causation_id)
-        return await self.engine.start(work.body, context, registry=registry)
+        context = OperationContext(saga_id=envelope.saga_id, device_id=envelope.device_id,
+                                   causation_id=envelope.message_id)
+        return await self.engine.start(body, context, registry=registry)
 
     async def _failed(self, work: _Work, exc: Exception) -> None:
         log.error("tsm.delivery_failed", error=type(exc).__name__,
-                  type=type(work.body).__name__ if work.body is not None else "timeout")
+                  type=work.message.envelope.type if work.message is not None else "timeout")
         await self._settle_retry(work)
 
     async def _settle_retry(self, work: _Work) -> None:
         if work.delivery is not None:
             with contextlib.suppress(Exception):
                 await work.delivery.retry()  # retry via the delivery limit
-        elif work.script_id is not None:
-            self._timing_out.discard(work.script_id)  # the next sweep finds it again
+        elif work.timed_out is not None:
+            self._timing_out.discard(work.timed_out)  # the next sweep finds it again
 
     def _outgoing(self, step: Step) -> Outgoing:
         context = step.context
@@ -208,4 +203,4 @@ class TsmWorker:
             fresh = [script_id for script_id in overdue if script_id not in self._timing_out]
             if fresh:
                 self._timing_out.update(fresh)
-                self._batches.put_many([_Work(None, None, script_id=s) for s in fresh])
+                self._batches.put_many([_Work(timed_out=script_id) for script_id in fresh])
