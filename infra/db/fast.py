@@ -17,10 +17,11 @@ are raised as SQLAlchemy's, as through the engine.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError
@@ -47,9 +48,13 @@ def _inline_sqlite(conn: AsyncConnection) -> sqlite3.Connection | None:
     return driver._conn if isinstance(driver, InlineConnection) else None
 
 
-def _as_sqlalchemy_error(sql: str, exc: sqlite3.Error) -> DBAPIError:
-    # parameters left out: they may carry message bodies (the engine hides them too)
-    return DBAPIError.instance(sql, None, exc, sqlite3.Error, hide_parameters=True)
+@contextlib.contextmanager
+def _as_sqlalchemy_errors(sql: str) -> Iterator[None]:
+    try:
+        yield
+    except sqlite3.Error as exc:
+        # parameters left out: they may carry message bodies (the engine hides them too)
+        raise DBAPIError.instance(sql, None, exc, sqlite3.Error, hide_parameters=True) from exc
 
 
 async def execute(conn: AsyncConnection, sql: str, params: tuple[Any, ...] = ()) -> int:
@@ -57,10 +62,8 @@ async def execute(conn: AsyncConnection, sql: str, params: tuple[Any, ...] = ())
     raw = _inline_sqlite(conn)
     if raw is None:
         return (await conn.exec_driver_sql(for_dialect(sql, conn.dialect.name), params)).rowcount
-    try:
+    with _as_sqlalchemy_errors(sql):
         return raw.execute(sql, params).rowcount
-    except sqlite3.Error as exc:
-        raise _as_sqlalchemy_error(sql, exc) from exc
 
 
 async def execute_many(conn: AsyncConnection, sql: str, rows: Sequence[tuple[Any, ...]]) -> int:
@@ -71,10 +74,8 @@ async def execute_many(conn: AsyncConnection, sql: str, rows: Sequence[tuple[Any
     if raw is None:
         result = await conn.exec_driver_sql(for_dialect(sql, conn.dialect.name), list(rows))
         return result.rowcount
-    try:
+    with _as_sqlalchemy_errors(sql):
         return raw.executemany(sql, rows).rowcount
-    except sqlite3.Error as exc:
-        raise _as_sqlalchemy_error(sql, exc) from exc
 
 
 async def fetch(conn: AsyncConnection, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
@@ -82,10 +83,8 @@ async def fetch(conn: AsyncConnection, sql: str, params: tuple[Any, ...] = ()) -
     if raw is None:
         result = await conn.exec_driver_sql(for_dialect(sql, conn.dialect.name), params)
         return list(result.all())
-    try:
+    with _as_sqlalchemy_errors(sql):
         return raw.execute(sql, params).fetchall()
-    except sqlite3.Error as exc:
-        raise _as_sqlalchemy_error(sql, exc) from exc
 
 
 @functools.lru_cache(maxsize=256)
