@@ -146,9 +146,7 @@ class SagaEngine:
             batch_size=batch_size, prefetch=prefetch, clock=clock,
         )
         self._timer_interval = timer_interval
-        # prometheus_client's labels() takes a lock and checks every label on each call
-        self._latency_children: dict[tuple[str, str, str], Any] = {}
-        self._transition_children: dict[tuple[str, str], Any] = {}
+        self._metric_children: dict[tuple[Any, tuple[str, ...]], Any] = {}
         self._gauge_interval = 5.0
         self._timer_full_poll = timer_full_poll
         self._next_timer = 0.0  # earliest fire_at known here: poll at start
@@ -430,20 +428,18 @@ class SagaEngine:
         self._after_commit_metrics(fx)
 
     def _after_commit_metrics(self, fx: Effects) -> None:
-        counters = self._transition_children
         for flow, _before, after in fx.transitions:
-            counter = counters.get((flow, after))
-            if counter is None:
-                counter = counters[(flow, after)] = SAGA_TRANSITIONS.labels(flow, after)
-            counter.inc()
-        histograms = self._latency_children
+            self._metric(SAGA_TRANSITIONS, flow, after).inc()
         for flow, step, outcome, seconds in fx.latencies:
-            child = histograms.get((flow, step, outcome))
-            if child is None:
-                child = histograms[(flow, step, outcome)] = STEP_SECONDS.labels(
-                    flow, step, outcome
-                )
-            child.observe(seconds)
+            self._metric(STEP_SECONDS, flow, step, outcome).observe(seconds)
+
+    def _metric(self, metric: Any, *labels: str) -> Any:
+        """The labelled child, kept: prometheus_client's labels() takes a lock and checks
+        every label on each call."""
+        child = self._metric_children.get((metric, labels))
+        if child is None:
+            child = self._metric_children[(metric, labels)] = metric.labels(*labels)
+        return child
 
     async def refresh_saga_gauge(self) -> None:
         """Set ``jpki_sagas{saga_type, state}`` from the store."""
