@@ -199,6 +199,18 @@ async def test_a_result_nobody_waits_for_is_dropped(tmp_path) -> None:
         await world.stop()
 
 
+def _counting_transactions(db: Database):  # noqa: ANN202 - a list and a stand-in method
+    """``db.transaction`` that also counts the transactions opened (into the list)."""
+    opened: list[int] = []
+    transaction = db.transaction
+
+    def counting():  # noqa: ANN202 - the database's own context manager
+        opened.append(1)
+        return transaction()
+
+    return opened, counting
+
+
 async def test_one_transaction_per_delivery_and_a_failed_start_leaves_nothing(
     tmp_path, monkeypatch
 ) -> None:
@@ -208,13 +220,7 @@ async def test_one_transaction_per_delivery_and_a_failed_start_leaves_nothing(
     world = World(tmp_path, 1)
     await upgrade(world.db, "tsm")
     engine = TsmEngine(world.ring, SqlRegistry(world.db), link=None)
-    opened: list[int] = []
-    transaction = world.db.transaction
-
-    def counting():  # noqa: ANN202 - the database's own context manager
-        opened.append(1)
-        return transaction()
-
+    opened, counting = _counting_transactions(world.db)
     monkeypatch.setattr(world.db, "transaction", counting)
     identity = world.identity("phone-0")
     try:
@@ -301,13 +307,7 @@ async def test_deliveries_commit_in_batches_and_a_bad_one_costs_only_itself(
     world = World(tmp_path, 30)
     await world.start(replicas=1, prefetch=64)
     worker = world.workers[0]
-    opened: list[int] = []
-    transaction = world.db.transaction
-
-    def counting():  # noqa: ANN202 - the database's own context manager
-        opened.append(1)
-        return transaction()
-
+    opened, counting = _counting_transactions(world.db)
     monkeypatch.setattr(world.db, "transaction", counting)
     start = worker.engine.start
     failed_once: set[str] = set()
