@@ -249,7 +249,10 @@ async def run_stack(
 
     orchestrator_db = services.database("orchestrator", data_dir)
     tsm_db = services.database("tsm", data_dir)
-    orchestrator = Orchestrator(orchestrator_db, transport, rng=random.Random(settings.seed))
+    # Not seeded: the saga ids and the application nonces come from it, and a second run in
+    # the same data directory would repeat them (the CA refuses a used nonce). --seed makes
+    # the fleet reproducible, not the back end.
+    orchestrator = Orchestrator(orchestrator_db, transport)
     ca_worker = CaWorker(ca, transport)
     tsm_worker = await make_tsm_worker(tsm_db, transport, ring)
     hub: InProcessPhoneHub | None = None

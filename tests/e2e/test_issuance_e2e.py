@@ -72,6 +72,16 @@ def check_every_phone(outcome: RunOutcome) -> None:
     assert outcome.audit == [], outcome.audit
 
 
+async def test_a_second_run_in_the_same_data_directory_issues_too(tmp_path: Path) -> None:
+    # the README's main command, run twice: the second run's applications must not reuse
+    # the first run's nonces (the CA refuses a used nonce as a replay)
+    for _ in range(2):
+        settings = RunSettings(phones=4, data_dir=tmp_path, seed=60, profile_mix="new=1",
+                               certificate_mix="both=1", key_pool=8)
+        outcome = await run_embedded(settings)
+        assert [p["outcome"] for p in outcome.phones] == ["issued"] * 4, outcome.phones
+
+
 async def test_mixed_fleet_on_the_embedded_default(tmp_path: Path) -> None:
     settings = RunSettings(phones=20, data_dir=tmp_path, seed=61, profile_mix=MIX,
                            certificate_mix=CERTIFICATES, key_pool=24)
