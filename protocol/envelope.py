@@ -8,7 +8,7 @@ park a bad message with its reason instead of crashing.
 
 from __future__ import annotations
 
-import uuid
+import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -78,7 +78,9 @@ _body_decoders: dict[type, msgspec.json.Decoder[Any]] = {}
 
 
 def new_message_id() -> str:
-    return uuid.uuid4().hex
+    """128 random bits as 32 hex digits, the form of ``uuid4().hex`` at a fifth of its cost
+    (no UUID object; ids are made for every message)."""
+    return os.urandom(16).hex()
 
 
 def build(
