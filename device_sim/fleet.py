@@ -67,6 +67,7 @@ from device_sim.se.jpki_applet import (
     KeySource,
     PooledKeys,
     Profile,
+    default_data_dir,
 )
 from infra.bus import Bus
 from infra.logging import configure_logging
@@ -791,7 +792,8 @@ async def _fleet_main(
     ring = tsm_key_ring(data_dir)
     keys: KeySource
     if key_pool:
-        keys = PooledKeys(key_pool, data_dir / "key-pool", random.Random(config.seed))
+        # the pool is test material, not the run's: kept once for every run, as the benchmarks'
+        keys = PooledKeys(key_pool, default_data_dir() / "key-pool", random.Random(config.seed))
     else:
         keys = GeneratedKeys()
     cards = CaCardFactory(authority)

@@ -318,6 +318,11 @@ def up_command(
     """Start every service as its own process on RabbitMQ + MQTT (+ PostgreSQL), run a
     fleet of PHONES against them, stop them and audit the stores."""
     place = RunPlace.new(run_name)
+    if db_url:
+        # The run's PostgreSQL database is its own, made now and dropped at the end: its
+        # CA keys and secrets must be its own too. Beside another run's key files, the new
+        # CA would find keys its database does not know and refuse to start.
+        data_dir = data_dir / place.name
     # SIGTERM unwinds like Ctrl-C, so the children are stopped and the vhost is deleted
     signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(128 + signal.SIGTERM))
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -333,7 +338,8 @@ def up_command(
         if db_url:
             run_db_url = asyncio.run(create_database(db_url, place.database))
         click.echo(f"up: run {place.name}: vhost {place.vhost}, topic root {place.topic_root}"
-                   + (f", database {place.database}" if run_db_url else ""))
+                   + (f", database {place.database}" if run_db_url else "")
+                   + f", files in {data_dir}")
         code = _run(place, phones, data_dir, run_amqp_url, mqtt_url, run_db_url, report, seed,
                     key_pool, concurrency, startup_timeout, fleet_timeout)
     finally:

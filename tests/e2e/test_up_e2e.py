@@ -51,15 +51,11 @@ def _stop_leftovers(markers: list[str]) -> list[str]:
     return leftovers
 
 
-def test_jpki_up_issues_every_eligible_phone_and_leaves_nothing_running(
-    tmp_path: Path, amqp_url: str, mqtt_url: str, pg_url: str, unique: str
-) -> None:
-    run_name = f"t{unique}"
-    data_dir = tmp_path / "up"
-    report = tmp_path / "report.json"
+def _up(data_dir: Path, run_name: str, phones: int, report: Path, amqp_url: str,
+        mqtt_url: str, pg_url: str) -> str:
     command = [
         sys.executable, "-c", "from jpki.cli import main; main()", "up",
-        "--phones", "6", "--data-dir", str(data_dir), "--run-name", run_name,
+        "--phones", str(phones), "--data-dir", str(data_dir), "--run-name", run_name,
         "--amqp-url", amqp_url, "--management-url", MANAGEMENT_URL, "--mqtt-url", mqtt_url,
         "--db-url", pg_url, "--key-pool", "--seed", "6", "--report", str(report),
         "--startup-timeout", "30", "--fleet-timeout", "45", "--concurrency", "3",
@@ -81,22 +77,42 @@ def test_jpki_up_issues_every_eligible_phone_and_leaves_nothing_running(
         leftovers = _stop_leftovers([str(data_dir), run_name])
     assert up.returncode == 0, output[-4000:]
     assert leftovers == [], leftovers
-
-    phones = json.loads(report.read_text())["phones"]
-    assert len(phones) == 6
-    for phone in phones:
-        assert phone["device_id"].startswith(f"{run_name}-")
-        if phone["profile"] == PhoneProfile.UNSUPPORTED.value:
-            assert phone["outcome"] != "issued" and phone["reason"], phone
-        else:
-            assert (phone["outcome"], phone["phase"], phone["login"]) == ("issued", 4, "ok"), phone
     assert "audit: every invariant holds" in output, output[-4000:]
+    return output
+
+
+def test_jpki_up_issues_every_eligible_phone_and_leaves_nothing_running(
+    tmp_path: Path, amqp_url: str, mqtt_url: str, pg_url: str, unique: str
+) -> None:
+    run_name = f"t{unique}"
+    data_dir = tmp_path / "up"
+    report = tmp_path / "report.json"
+    output = _up(data_dir, run_name, 6, report, amqp_url, mqtt_url, pg_url)
+
+    _every_eligible_phone_issued(report, run_name, 6)
     cpu_line = next(line for line in output.splitlines() if line.startswith("up: CPU seconds"))
     for process in ("orchestrator", "tsm", "ca", "gateway", "ocsp", "fleet"):
         assert f" {process} " in cpu_line and f" {process} ?" not in cpu_line, cpu_line
     vhosts, databases = asyncio.run(_vhosts_and_databases(amqp_url, pg_url))
     assert f"jpki-{run_name}" not in vhosts
     assert f"jpki_{run_name}" not in databases
+
+    # A second run in the same data directory gets a database of its own, and its CA must
+    # not meet the first run's keys there (it refused to start when it did).
+    second = f"{run_name}b"
+    _up(data_dir, second, 2, tmp_path / "second.json", amqp_url, mqtt_url, pg_url)
+    _every_eligible_phone_issued(tmp_path / "second.json", second, 2)
+
+
+def _every_eligible_phone_issued(report: Path, run_name: str, count: int) -> None:
+    phones = json.loads(report.read_text())["phones"]
+    assert len(phones) == count
+    for phone in phones:
+        assert phone["device_id"].startswith(f"{run_name}-")
+        if phone["profile"] == PhoneProfile.UNSUPPORTED.value:
+            assert phone["outcome"] != "issued" and phone["reason"], phone
+        else:
+            assert (phone["outcome"], phone["phase"], phone["login"]) == ("issued", 4, "ok"), phone
 
 
 async def _vhosts_and_databases(amqp_url: str, pg_url: str) -> tuple[set[str], set[str]]:
