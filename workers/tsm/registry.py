@@ -12,8 +12,10 @@ and is run again (every script is safe to re-run).
 
 Two implementations of one interface: ``SqlRegistry`` (the service, SQLite or PostgreSQL
 through ``infra.db``) and ``MemoryRegistry`` (benchmarks and the in-process phone link).
-``unit()`` runs several calls in one transaction (on the bus, each delivery's: a command's
-records and its first script's state; an answer's look-up and what follows from it).
+``unit()`` runs several calls in one transaction (on the bus, a batch of deliveries': a
+command's records and its first script's state; an answer's look-up and what follows from
+it). A SQL unit reads each row once and writes at its end, one executemany per statement
+kind (``SqlUnit``); the bus worker has it read the batch's rows up front (``Prefetch``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import dataclasses
 import enum
 import operator
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -41,7 +43,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from infra.db.database import Database
-from infra.db.fast import execute, fetch
+from infra.db.fast import execute_many, fetch, in_list
 from protocol.errors import JpkiError
 
 
@@ -289,16 +291,11 @@ _INSERT_OPERATION = (
     "INSERT INTO tsm_operations (command_id, cin, operation, status, created_at, updated_at)"
     " VALUES (?, ?, ?, 'running', ?, ?) ON CONFLICT (command_id) DO NOTHING"
 )
-_SUSPEND_OPERATION = (
-    "UPDATE tsm_operations SET script_id = ?, state = ?, updated_at = ? WHERE command_id = ?"
-)
-_FINISH_OPERATION = (
-    "UPDATE tsm_operations SET status = 'done', reply = ?, state = ?, updated_at = ?"
+# A unit writes an operation's last state, whichever calls (suspend, complete, finish) led
+# there: one statement, so one executemany for all of a batch's operations.
+_UPDATE_OPERATION = (
+    "UPDATE tsm_operations SET status = ?, reply = ?, script_id = ?, state = ?, updated_at = ?"
     " WHERE command_id = ?"
-)
-# Ended without a reply (a transient failure): it waits for nothing any more.
-_ABANDON_OPERATION = (
-    "UPDATE tsm_operations SET script_id = NULL, state = NULL, updated_at = ? WHERE command_id = ?"
 )
 
 
@@ -316,8 +313,10 @@ def _row_to_record(row: Sequence[Any]) -> SeRecord:
     )
 
 
-def _record_update(record: SeRecord) -> tuple[Any, ...]:
-    """``_UPDATE_SE``'s parameters (booleans as booleans: PostgreSQL's columns are boolean)."""
+def _record_update(row: tuple) -> tuple[Any, ...]:
+    """``_UPDATE_SE``'s parameters for a record's row (booleans as booleans: PostgreSQL's
+    columns are boolean)."""
+    record = SeRecord(*row)
     return (
         record.kdd, record.device_id, record.key_version, record.sequence_counter,
         record.challenge_mode.value, record.pending_key_version, record.applet_state.value,
@@ -326,112 +325,305 @@ def _record_update(record: SeRecord) -> tuple[Any, ...]:
     )
 
 
-async def _execute(conn: AsyncConnection, sql: str, params: tuple[Any, ...]) -> None:
-    await execute(conn, sql, params)
+def _operation_update(operation: OperationRecord) -> tuple[Any, ...]:
+    return (operation.status, operation.reply, operation.script_id, operation.state,
+            operation.updated_at, operation.command_id)
 
 
-async def _one(conn: AsyncConnection, sql: str, params: tuple[Any, ...]) -> Any | None:
-    rows = await fetch(conn, sql, params)
-    return rows[0] if rows else None
+def _any_of(conn: AsyncConnection, column: str, values: Sequence[str]) -> tuple[str, tuple]:
+    """``column`` is one of ``values``: one array parameter on PostgreSQL (one statement
+    text, prepared once, whatever the batch's size), an ``IN`` list on SQLite."""
+    if conn.dialect.name == "postgresql":
+        return f"{column} = ANY(?)", (list(values),)
+    return f"{column} IN {in_list(len(values))}", tuple(values)
 
 
-class SqlRegistry:
-    """The registry in the TSM's own tables (migrations in ``workers/tsm/migrations``)."""
+@dataclass(frozen=True, slots=True)
+class Prefetch:
+    """What a batch's deliveries will ask their unit for, read before they run."""
 
-    def __init__(self, db: Database, connection: AsyncConnection | None = None) -> None:
-        self.db = db
-        self._connection = connection  # set inside ``unit()``: every call joins its transaction
+    commands: Mapping[str, str] = field(default_factory=dict)  # command id -> the SE's cin
+    script_ids: Collection[str] = ()  # answers (or timeouts) of scripts sent before
+
+
+class SqlUnit:
+    """One transaction of the SQL registry, reading each row once and writing at the end.
+
+    Reads are answered from what the unit has read or written already (its own writes
+    included: two operations of one batch may touch the same SE or operation); a row it
+    has not seen is read then. Writes are kept and flushed when the unit ends, before the
+    commit, as one executemany per statement kind (asyncpg sends each in one round trip):
+    inserts first, then each changed row's last state, rows in key order (two replicas'
+    flushes then lock shared rows in the same order). A unit that fails, in its body or
+    in its flush, rolls back whole: its transaction commits only after the flush.
+    """
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self._conn = conn
+        # What the transaction sees, with the unit's writes applied. None: no such row.
+        self._elements: dict[str, tuple | None] = {}  # cin -> row, in ``SeRecord`` order
+        self._operations: dict[str, OperationRecord | None] = {}
+        self._by_script: dict[str, str] = {}  # script id -> command id, of the known operations
+        self._nothing_waits: set[str] = set()  # script ids read and found on no operation
+        # What the flush writes.
+        self._new_elements: dict[str, tuple] = {}  # first contact: inserted as added
+        self._saved_elements: set[str] = set()
+        self._new_operations: dict[str, tuple[Any, ...]] = {}  # _INSERT_OPERATION's parameters
+        self._changed_operations: set[str] = set()
 
     @asynccontextmanager
-    async def unit(self) -> AsyncIterator[SqlRegistry]:
-        if self._connection is not None:
-            yield self
-            return
-        async with self.db.transaction() as conn:
-            yield SqlRegistry(self.db, conn)
+    async def unit(self) -> AsyncIterator[SqlUnit]:
+        yield self  # joins this transaction
 
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
-        if self._connection is not None:
-            yield self._connection
+    async def prefetch(self, needs: Prefetch) -> None:
+        """Read in two statements what ``needs`` names: the commands' and the scripts'
+        operations, then the SEs of all of them."""
+        command_ids = [c for c in needs.commands if c not in self._operations]
+        script_ids = [s for s in needs.script_ids
+                      if s not in self._by_script and s not in self._nothing_waits]
+        if command_ids or script_ids:
+            where = [_any_of(self._conn, column, values)
+                     for column, values in (("command_id", command_ids), ("script_id", script_ids))
+                     if values]
+            conditions = " OR ".join(condition for condition, _ in where)
+            params = tuple(value for _, values in where for value in values)
+            sql = f"SELECT {_OPERATION_COLUMNS} FROM tsm_operations WHERE {conditions}"  # noqa: S608
+            for row in await fetch(self._conn, sql, params):
+                self._learn_operation(_row_to_operation(row))
+            for command_id in command_ids:
+                self._operations.setdefault(command_id, None)
+            self._nothing_waits.update(s for s in script_ids if s not in self._by_script)
+        cins = {*needs.commands.values()}
+        cins.update(op.cin for op in self._operations.values() if op is not None)
+        unread = sorted(cins - self._elements.keys())
+        if unread:
+            condition, params = _any_of(self._conn, "cin", unread)
+            sql = f"SELECT {_SE_COLUMNS} FROM secure_elements WHERE {condition}"  # noqa: S608
+            for row in await fetch(self._conn, sql, params):
+                self._elements.setdefault(row[0], _as_row(_row_to_record(row)))
+            for cin in unread:
+                self._elements.setdefault(cin, None)
+
+    async def flush(self) -> None:
+        conn = self._conn
+        if self._new_elements:
+            await execute_many(conn, _INSERT_SE, [
+                _record_update(self._new_elements[cin]) for cin in sorted(self._new_elements)
+            ])
+        if self._new_operations:
+            await execute_many(conn, _INSERT_OPERATION, [
+                self._new_operations[c] for c in sorted(self._new_operations)
+            ])
+        if self._saved_elements:
+            await execute_many(conn, _UPDATE_SE, [
+                _record_update(self._elements[cin]) for cin in sorted(self._saved_elements)
+            ])
+        if self._changed_operations:
+            await execute_many(conn, _UPDATE_OPERATION, [
+                _operation_update(self._operations[c]) for c in sorted(self._changed_operations)
+            ])
+        self._new_elements.clear()
+        self._new_operations.clear()
+        self._saved_elements.clear()
+        self._changed_operations.clear()
+
+    # ------------------------------------------------------------------ reads
+
+    async def _element(self, cin: str) -> tuple | None:
+        if cin not in self._elements:
+            rows = await fetch(self._conn, _SELECT_SE, (cin,))
+            self._elements[cin] = _as_row(_row_to_record(rows[0])) if rows else None
+        return self._elements[cin]
+
+    async def _operation(self, command_id: str) -> OperationRecord | None:
+        if command_id not in self._operations:
+            rows = await fetch(self._conn, _SELECT_OPERATION, (command_id,))
+            self._operations[command_id] = None
+            if rows:
+                self._learn_operation(_row_to_operation(rows[0]))
+        return self._operations[command_id]
+
+    def _learn_operation(self, operation: OperationRecord) -> None:
+        """A row read from the database, unless the unit knows the operation already (its
+        own state of it is newer)."""
+        if self._operations.get(operation.command_id) is not None:
             return
-        async with self.db.transaction() as conn:
-            yield conn
+        self._operations[operation.command_id] = operation
+        if operation.script_id is not None:
+            self._by_script[operation.script_id] = operation.command_id
+
+    def _wait_for(self, operation: OperationRecord, script_id: str | None) -> None:
+        if operation.script_id is not None:
+            self._by_script.pop(operation.script_id, None)
+        operation.script_id = script_id
+        if script_id is not None:
+            self._by_script[script_id] = operation.command_id
+
+    # ------------------------------------------------------------------ the Registry
 
     async def add(self, record: SeRecord) -> None:
-        async with self._transaction() as conn:
-            await _execute(conn, _INSERT_SE, _record_update(record))
+        if await self._element(record.cin) is None:  # else: enrolled already, left alone
+            self._elements[record.cin] = self._new_elements[record.cin] = _as_row(record)
 
     async def get(self, cin: str) -> SeRecord:
-        async with self._transaction() as conn:
-            row = await _one(conn, _SELECT_SE, (cin,))
+        row = await self._element(cin)
         if row is None:
             raise UnknownSecureElement("secure element not in the registry")
-        return _row_to_record(row)
+        return SeRecord(*row)
 
     async def save(self, record: SeRecord) -> None:
-        async with self._transaction() as conn:
-            await _execute(conn, _UPDATE_SE, _record_update(record))
+        if await self._element(record.cin) is not None:  # an UPDATE of no row changes nothing
+            self._elements[record.cin] = _as_row(record)
+            self._saved_elements.add(record.cin)
 
     async def operation(self, command_id: str) -> OperationRecord | None:
-        async with self._transaction() as conn:
-            row = await _one(conn, _SELECT_OPERATION, (command_id,))
-        return _row_to_operation(row) if row is not None else None
+        operation = await self._operation(command_id)
+        return dataclasses.replace(operation) if operation is not None else None
 
     async def start_operation(self, command_id: str, cin: str, operation: str) -> None:
-        now = time.time()
-        async with self._transaction() as conn:
-            await _execute(conn, _INSERT_OPERATION, (command_id, cin, operation, now, now))
+        if await self._operation(command_id) is None:
+            now = time.time()
+            self._operations[command_id] = OperationRecord(command_id, cin, operation,
+                                                           "running", updated_at=now)
+            self._new_operations[command_id] = (command_id, cin, operation, now, now)
 
     async def finish_operation(self, command_id: str, reply: bytes) -> None:
-        async with self._transaction() as conn:
-            await _execute(conn, _FINISH_OPERATION, (reply, None, time.time(), command_id))
+        await self._change(command_id, "done", reply, None)
 
     async def begin(
         self, command_id: str, cin: str, operation: str
     ) -> tuple[OperationRecord | None, SeRecord | None]:
-        now = time.time()
-        async with self._transaction() as conn:
-            row = await _one(conn, _SELECT_OPERATION, (command_id,))
-            before = _row_to_operation(row) if row is not None else None
-            if before is None:
-                await _execute(conn, _INSERT_OPERATION, (command_id, cin, operation, now, now))
-            element = await _one(conn, _SELECT_SE, (cin,))
-        return before, _row_to_record(element) if element is not None else None
+        before = await self.operation(command_id)
+        if before is None:
+            await self.start_operation(command_id, cin, operation)
+        row = await self._element(cin)
+        return before, SeRecord(*row) if row is not None else None
 
     async def complete(
         self, record: SeRecord | None, command_id: str, reply: bytes | None,
         state: bytes | None = None,
     ) -> None:
-        async with self._transaction() as conn:
-            if record is not None:
-                await _execute(conn, _UPDATE_SE, _record_update(record))
-            if reply is not None:
-                await _execute(conn, _FINISH_OPERATION, (reply, state, time.time(), command_id))
-            else:
-                await _execute(conn, _ABANDON_OPERATION, (time.time(), command_id))
+        if record is not None:
+            await self.save(record)
+        if reply is not None:
+            await self._change(command_id, "done", reply, state)
+            return
+        # Ended without a reply (a transient failure): it waits for nothing any more.
+        operation = await self._operation(command_id)
+        if operation is not None:
+            self._wait_for(operation, None)
+            operation.state, operation.updated_at = None, time.time()
+            self._changed_operations.add(command_id)
 
     async def suspend(
         self, record: SeRecord, command_id: str, script_id: str, state: bytes
     ) -> None:
-        async with self._transaction() as conn:
-            await _execute(conn, _UPDATE_SE, _record_update(record))
-            await _execute(conn, _SUSPEND_OPERATION, (script_id, state, time.time(), command_id))
+        await self.save(record)
+        operation = await self._operation(command_id)
+        if operation is not None:
+            self._wait_for(operation, script_id)
+            operation.state, operation.updated_at = state, time.time()
+            self._changed_operations.add(command_id)
+
+    async def _change(
+        self, command_id: str, status: str, reply: bytes, state: bytes | None
+    ) -> None:
+        operation = await self._operation(command_id)
+        if operation is not None:
+            operation.status, operation.reply, operation.state = status, reply, state
+            operation.updated_at = time.time()
+            self._changed_operations.add(command_id)
 
     async def waiting_for(self, script_id: str) -> OperationRecord | None:
-        async with self._transaction() as conn:
-            row = await _one(conn, _SELECT_WAITING, (script_id,))
-        return _row_to_operation(row) if row is not None else None
+        if script_id not in self._by_script and script_id not in self._nothing_waits:
+            rows = await fetch(self._conn, _SELECT_WAITING, (script_id,))
+            if rows:
+                self._learn_operation(_row_to_operation(rows[0]))
+            if script_id not in self._by_script:  # none, or the unit moved it on
+                self._nothing_waits.add(script_id)
+        command_id = self._by_script.get(script_id)
+        return await self.operation(command_id) if command_id is not None else None
 
     async def overdue(self, before: float, limit: int = 100) -> list[str]:
-        async with self._transaction() as conn:
-            rows = await conn.execute(
-                select(tsm_operations.c.script_id)
-                .where(
-                    tsm_operations.c.status == "running",
-                    tsm_operations.c.script_id.is_not(None),
-                    tsm_operations.c.updated_at < before,
-                )
-                .limit(limit)
+        await self.flush()  # the query reads the table: the unit's writes first
+        rows = await self._conn.execute(
+            select(tsm_operations.c.script_id)
+            .where(
+                tsm_operations.c.status == "running",
+                tsm_operations.c.script_id.is_not(None),
+                tsm_operations.c.updated_at < before,
             )
-            return [row.script_id for row in rows]
+            .limit(limit)
+        )
+        return [row.script_id for row in rows]
+
+
+class SqlRegistry:
+    """The registry in the TSM's own tables (migrations in ``workers/tsm/migrations``).
+
+    Every call runs in a unit (``SqlUnit``): the caller's, or one of its own."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    @asynccontextmanager
+    async def unit(self, prefetch: Prefetch | None = None) -> AsyncIterator[SqlUnit]:
+        """One transaction; ``prefetch`` names the rows to read up front, in two statements,
+        instead of one by one as the calls ask for them."""
+        async with self.db.transaction() as conn:
+            unit = SqlUnit(conn)
+            if prefetch is not None:
+                await unit.prefetch(prefetch)
+            yield unit
+            await unit.flush()
+
+    async def add(self, record: SeRecord) -> None:
+        async with self.unit() as unit:
+            await unit.add(record)
+
+    async def get(self, cin: str) -> SeRecord:
+        async with self.unit() as unit:
+            return await unit.get(cin)
+
+    async def save(self, record: SeRecord) -> None:
+        async with self.unit() as unit:
+            await unit.save(record)
+
+    async def operation(self, command_id: str) -> OperationRecord | None:
+        async with self.unit() as unit:
+            return await unit.operation(command_id)
+
+    async def start_operation(self, command_id: str, cin: str, operation: str) -> None:
+        async with self.unit() as unit:
+            await unit.start_operation(command_id, cin, operation)
+
+    async def finish_operation(self, command_id: str, reply: bytes) -> None:
+        async with self.unit() as unit:
+            await unit.finish_operation(command_id, reply)
+
+    async def begin(
+        self, command_id: str, cin: str, operation: str
+    ) -> tuple[OperationRecord | None, SeRecord | None]:
+        async with self.unit() as unit:
+            return await unit.begin(command_id, cin, operation)
+
+    async def complete(
+        self, record: SeRecord | None, command_id: str, reply: bytes | None,
+        state: bytes | None = None,
+    ) -> None:
+        async with self.unit() as unit:
+            await unit.complete(record, command_id, reply, state)
+
+    async def suspend(
+        self, record: SeRecord, command_id: str, script_id: str, state: bytes
+    ) -> None:
+        async with self.unit() as unit:
+            await unit.suspend(record, command_id, script_id, state)
+
+    async def waiting_for(self, script_id: str) -> OperationRecord | None:
+        async with self.unit() as unit:
+            return await unit.waiting_for(script_id)
+
+    async def overdue(self, before: float, limit: int = 100) -> list[str]:
+        async with self.unit() as unit:
+            return await unit.overdue(before, limit)

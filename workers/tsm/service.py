@@ -12,14 +12,17 @@ any number of replicas share one queue.
 Deliveries are handled in batches by one worker task, all of a batch's registry work in
 one transaction (group commit: one commit for up to ``batch_size`` deliveries instead of
 one each, which on SQLite was most of the TSM's database cost and on PostgreSQL one
-fsync each). If a batch fails, its deliveries run again one by one, so one bad delivery
-costs only itself. A delivery is acked only after what it caused is committed and
-published: a replica that dies in between has it redelivered, and every step is safe to
-run again (a command restarts its operation; a result whose operation already moved on
-is dropped; a result whose operation finished republishes the stored reply). Operations
-whose phone does not answer within ``script_timeout_s`` end with a transient
-``phone_unreachable`` reply; the sweeper that finds them hands them to the same worker,
-so one task alone runs the engine and takes its per-SE locks.
+fsync each). The unit reads what the batch will need in two statements before it runs
+and writes what it changed in one statement per kind before the commit, so a batch's
+round trips to the database do not grow with its size. If a batch fails, its deliveries
+run again one by one, so one bad delivery costs only itself. A delivery is acked only
+after what it caused is committed and published: a replica that dies in between has it
+redelivered, and every step is safe to run again (a command restarts its operation; a
+result whose operation already moved on is dropped; a result whose operation finished
+republishes the stored reply). Operations whose phone does not answer within
+``script_timeout_s`` end with a transient ``phone_unreachable`` reply; the sweeper that
+finds them hands them to the same worker, so one task alone runs the engine and takes
+its per-SE locks.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from protocol.envelope import InvalidMessage, Message, build, decode
 from workers.tsm import messages as m
 from workers.tsm.engine import Finished, OperationContext, Step, TsmEngine, Waiting
 from workers.tsm.keys import MasterKeyRing
-from workers.tsm.registry import Registry, SqlRegistry
+from workers.tsm.registry import Prefetch, Registry, SqlRegistry
 
 log = structlog.get_logger("tsm.worker")
 
@@ -72,7 +75,8 @@ class TsmWorker:
     ) -> None:
         self.db = db
         self.transport = transport
-        self.engine = TsmEngine(keys, SqlRegistry(db), link=None)
+        self._registry = SqlRegistry(db)
+        self.engine = TsmEngine(keys, self._registry, link=None)
         self._prefetch = prefetch
         self._script_timeout = script_timeout_s
         self._subscription: Subscription | None = None
@@ -117,7 +121,7 @@ class TsmWorker:
 
     async def _run_batch(self, batch: list[_Work]) -> None:
         try:
-            async with self.engine.registry.unit() as registry:
+            async with self._registry.unit(_needs(batch)) as registry:
                 steps = [await self._handle(work, registry) for work in batch]
         except asyncio.CancelledError:
             raise
@@ -204,3 +208,19 @@ class TsmWorker:
             if fresh:
                 self._timing_out.update(fresh)
                 self._batches.put_many([_Work(timed_out=script_id) for script_id in fresh])
+
+
+def _needs(batch: list[_Work]) -> Prefetch:
+    """The rows a batch's deliveries will read: its commands' operations and SEs, and the
+    operations waiting for its scripts' answers (and timeouts)."""
+    commands: dict[str, str] = {}
+    script_ids: list[str] = []
+    for work in batch:
+        body = work.message.body if work.message is not None else None
+        if isinstance(body, m.TsmCommand):
+            commands[body.command_id] = body.se.cin
+        elif isinstance(body, m.SeScriptResult):
+            script_ids.append(body.script_id)
+        elif work.timed_out is not None:
+            script_ids.append(work.timed_out)
+    return Prefetch(commands, script_ids)
