@@ -331,6 +331,36 @@ async def test_rotate_keys_then_sessions_use_the_new_version(world: World) -> No
     assert again.ok and again.round_trips == 0
 
 
+async def test_per_se_keys_are_derived_once_in_a_bounded_lru(
+    ring: MasterKeyRing, monkeypatch
+) -> None:
+    world = World(ring)
+    world.engine = TsmEngine(ring, world.registry, world.link, se_key_cache=2)
+    first, second, third = (world.phone(pooled=True) for _ in range(3))  # made before counting
+    derived: list[bytes] = []
+    static_keys_for = MasterKeys.static_keys_for
+
+    def counting(self: MasterKeys, kdd: bytes):  # noqa: ANN202
+        derived.append(kdd)
+        return static_keys_for(self, kdd)
+
+    monkeypatch.setattr(MasterKeys, "static_keys_for", counting)
+    for _ in range(3):
+        assert (await world.run(first.command(m.InspectSe))).ok
+    assert len(derived) == 1  # per SE, not per session
+    assert (await world.run(second.command(m.InspectSe))).ok
+    assert (await world.run(first.command(m.InspectSe))).ok  # the most recent again
+    assert len(derived) == 2
+    assert (await world.run(third.command(m.InspectSe))).ok  # evicts the least recent
+    assert len(world.engine._se_keys) == 2
+    assert (await world.run(first.command(m.InspectSe))).ok
+    assert (await world.run(second.command(m.InspectSe))).ok  # was evicted: derived again
+    assert [kdd[-1] for kdd in derived] == [1, 2, 3, 2]
+    assert "StaticKeys" not in repr(world.engine) and "redacted" in repr(
+        next(iter(world.engine._se_keys.values()))
+    )
+
+
 # -- the one-round-trip claim, and its fallbacks -----------------------------------------------
 
 
