@@ -253,21 +253,58 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+# The shared services a run loads, by the command names of their processes on this machine.
+LOCAL_SERVICES = {"rabbitmq": "beam.smp", "mosquitto": "mosquitto", "postgresql": "postgres"}
+
+
+def local_service_cpu_seconds(proc: Path = Path("/proc")) -> dict[str, float]:
+    """CPU seconds each shared service running on this machine has used so far: every
+    process of that name, with the children it has reaped (PostgreSQL's finished backends
+    live on in the postmaster's count). A service not running here is left out."""
+    names = {command: service for service, command in LOCAL_SERVICES.items()}
+    ticks: dict[str, int] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        head, _, tail = stat.rpartition(")")
+        service = names.get(head.partition("(")[2])
+        if service is None:
+            continue
+        # after the ")": state is field 3; utime, stime, cutime, cstime are fields 14-17
+        fields = tail.split()
+        ticks[service] = ticks.get(service, 0) + sum(int(f) for f in fields[11:15])
+    return {service: n / os.sysconf("SC_CLK_TCK") for service, n in ticks.items()}
+
+
 def children_cpu_seconds() -> float:
     """CPU seconds of every child this process has waited for (``RUSAGE_CHILDREN``)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
 
-def cpu_summary(used: dict[str, float | None], phones: int) -> str:
+def cpu_summary(used: dict[str, float | None], phones: int, when: str = "") -> str:
     known = {name: seconds for name, seconds in used.items() if seconds is not None}
     total = sum(known.values())
     per_process = ", ".join(
         f"{name} {seconds:.1f}" if seconds is not None else f"{name} ?"
         for name, seconds in used.items()
     )
-    return (f"up: CPU seconds {per_process}; total {total:.1f} "
+    return (f"up: CPU seconds{' ' + when if when else ''} {per_process}; total {total:.1f} "
             f"({1000 * total / max(1, phones):.0f} ms per phone)")
+
+
+def _window_cpu(children: Sequence[Child]) -> dict[str, float | None]:
+    """CPU seconds so far of the run's services and of the shared services on this machine."""
+    return ({child.name: cpu_seconds(child.process.pid) for child in children}
+            | local_service_cpu_seconds())
+
+
+def _less(after: float | None, before: float | None) -> float | None:
+    return None if after is None or before is None else after - before
 
 
 def stop_services(children: Sequence[Child], grace: float = 10.0) -> dict[str, int | None]:
@@ -378,10 +415,15 @@ def _run(
         if key_pool:
             fleet.append("--key-pool")
         waited_before = children_cpu_seconds()
+        window_before = _window_cpu(children)
         fleet_process = subprocess.Popen(fleet, env=env)  # noqa: S603 - our own CLI
         try:
             fleet_code = fleet_process.wait()
             used["fleet"] = children_cpu_seconds() - waited_before
+            window = {name: _less(seconds, window_before.get(name))
+                      for name, seconds in _window_cpu(children).items()}
+            click.echo(cpu_summary({**window, "fleet": used["fleet"]}, phones,
+                                   "while the fleet ran"))
         finally:
             if fleet_process.poll() is None:  # interrupted: the fleet goes with us
                 fleet_process.terminate()
