@@ -24,7 +24,6 @@ HTTP shell ``workers/ca/http.py``. The clock and randomness are injected for tes
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import os
 from collections import OrderedDict, deque
@@ -42,13 +41,13 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509 import ocsp
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import and_, insert, select, update
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from infra.db.database import Database
-from infra.db.fast import chunks, execute_many, fetch, in_list
+from infra.db.fast import chunks, execute, execute_many, fetch, in_list
 from workers.ca import tables as t
 from workers.ca.application import (
     Application,
@@ -73,6 +72,16 @@ from workers.ca.errors import (
     UnknownCardCertificate,
     UntrustedCardCertificate,
     WrongSecureElement,
+)
+from workers.ca.hot_sql import (
+    INSERT_APPLICATION,
+    INSERT_CERTIFICATE,
+    INSERT_USED_NONCE,
+    ISSUE_READ,
+    STATE_CHECK_READ,
+    VERIFY_READ,
+    certificate_row,
+    time_columns,
 )
 from workers.ca.keystore import Passphrase, read_key, write_key
 from workers.ca.profiles import (
@@ -112,24 +121,6 @@ from workers.ca.state_check import ExistingCertificate, StateCheck, decide_branc
 
 log = structlog.get_logger("ca")
 
-# Issuance reads the application, its card certificate and any certificate the saga already
-# has in one statement, for every saga of a batch at once; every join is an equality on an
-# indexed column. It runs twice for every issuance (plan and store), so it is driver SQL
-# (``infra.db.fast``), as is the insert.
-_ISSUE_READ = (
-    "SELECT a.saga_id, a.person_id, a.se_cin, a.se_kdd, a.card_serial, a.cert_types,"
-    " a.pin_option, card.status, card.not_after, card.der,"
-    " own.cert_type, own.serial, own.ca_kind, own.ca_generation, own.der"
-    " FROM ca_applications a"
-    " LEFT JOIN ca_certificates card ON card.serial = a.card_serial"
-    " LEFT JOIN ca_certificates own ON own.saga_id = a.saga_id"
-    " WHERE a.saga_id IN "
-)
-_CERTIFICATE_COLUMNS = tuple(column.name for column in t.certificates.columns)
-_INSERT_CERTIFICATE = (
-    f"INSERT INTO ca_certificates ({', '.join(_CERTIFICATE_COLUMNS)})"  # noqa: S608 - fixed names
-    f" VALUES ({', '.join('?' * len(_CERTIFICATE_COLUMNS))})"
-)
 # Parsed templates and verified card certificates kept per process (bounded, least recently
 # used first out): a card's certificates are used for one saga after another.
 _CACHE_SIZE = 4096
@@ -640,25 +631,19 @@ class CertificateAuthority:
         serial = serial_hex(card_cert.serial_number)
 
         async with self._tx(conn) as conn:
-            record = await self._certificate(conn, serial)
-            if record is None or record.holder is not Holder.CARD or record.der != card_certificate:
+            seen = await _read_verification(conn, serial, application.nonce.hex(), saga_id)
+            card = seen.card
+            if card is None or card.holder is not Holder.CARD or card.der != card_certificate:
                 raise UnknownCardCertificate("the card certificate was not issued to a card by us")
-            if record.cert_type is not CertType.SIGN:
+            if card.cert_type is not CertType.SIGN:
                 raise UntrustedCardCertificate("applications are signed with the card signing key")
-            if not record.not_before <= now < record.not_after:
+            if not card.not_before <= now < card.not_after:
                 raise CardCertificateExpired("the card certificate is not within its validity")
-            if record.status is not Status.VALID:
-                raise CardCertificateRevoked(f"the card certificate is {record.status.value}")
-            used = (
-                await conn.execute(
-                    select(t.used_nonces).where(t.used_nonces.c.nonce == application.nonce.hex())
-                )
-            ).first()
-            if used is not None:
-                if used.saga_id == saga_id and used.application_digest == digest:
-                    existing = await self._verified(conn, saga_id)
-                    if existing is not None:
-                        return existing
+            if card.status is not Status.VALID:
+                raise CardCertificateRevoked(f"the card certificate is {card.status.value}")
+            if seen.nonce_used_by is not None:
+                if seen.nonce_used_by == (saga_id, digest) and seen.verified is not None:
+                    return seen.verified
                 raise NonceReplayed("this nonce was already used by an application")
             if application.nonce != expected_nonce or application.application_id != saga_id:
                 raise NonceUnknown("the application was not made for this saga's nonce")
@@ -667,36 +652,36 @@ class CertificateAuthority:
                 raise NonceExpired("the application is not fresh")
             if application.se != expected_se:
                 raise WrongSecureElement("the application names another secure element")
-            if await self._verified(conn, saga_id) is not None:
+            if seen.verified is not None:
                 raise NonceReplayed("this saga already has a verified application")
-            await conn.execute(
-                insert(t.used_nonces).values(
-                    nonce=application.nonce.hex(),
-                    saga_id=saga_id,
-                    application_digest=digest,
-                    used_at=now,
-                )
+            write_time = time_columns(conn.dialect).write
+            await execute(
+                conn,
+                INSERT_USED_NONCE,
+                (application.nonce.hex(), saga_id, digest, write_time(now)),
             )
-            await conn.execute(
-                insert(t.applications).values(
-                    saga_id=saga_id,
-                    person_id=record.person_id,
-                    se_cin=application.se.cin,
-                    se_kdd=application.se.kdd,
-                    card_serial=serial,
-                    cert_types=",".join(sorted(set(application.certificates))),
-                    pin_option=application.pin_option,
-                    application_digest=digest,
-                    verified_at=now,
-                )
+            await execute(
+                conn,
+                INSERT_APPLICATION,
+                (
+                    saga_id,
+                    card.person_id,
+                    application.se.cin,
+                    application.se.kdd,
+                    serial,
+                    ",".join(sorted(set(application.certificates))),
+                    application.pin_option,
+                    digest,
+                    write_time(now),
+                ),
             )
         log.info(
             "ca.application_verified",
             saga_id=saga_id,
-            person_id=record.person_id,
+            person_id=card.person_id,
             se=application.se.cin,
         )
-        return _verified_from(application, saga_id, record.person_id, serial)
+        return _verified_from(application, saga_id, card.person_id, serial)
 
     def _check_card_chain(self, card_cert: x509.Certificate, der: bytes) -> None:
         """The card certificate is signed by one of our signing-CA generations. A verified
@@ -740,35 +725,28 @@ class CertificateAuthority:
         """FLOWS §3: the branch for the person and SE of this saga's verified application."""
         now = self._clock()
         async with self._tx(conn) as conn:
-            verified = await self._verified(conn, saga_id)
-            if verified is None:
-                raise ApplicationNotVerified("no verified application for this saga")
-            card = await self._certificate(conn, verified.card_serial)
-            rows = (
-                await conn.execute(
-                    select(t.certificates).where(
-                        t.certificates.c.person_id == verified.person_id,
-                        t.certificates.c.holder == Holder.PHONE.value,
-                        t.certificates.c.status != Status.REVOKED.value,
-                        or_(
-                            t.certificates.c.saga_id.is_(None), t.certificates.c.saga_id != saga_id
-                        ),
-                    )
-                )
-            ).all()
-        if card is None:
+            rows = await fetch(
+                conn, STATE_CHECK_READ, (Holder.PHONE.value, Status.REVOKED.value, saga_id)
+            )
+            read_time = time_columns(conn.dialect).read
+        if not rows:
+            raise ApplicationNotVerified("no verified application for this saga")
+        verified = _verified_columns(saga_id, *rows[0][0:6])
+        card_status, card_not_after = rows[0][6:8]
+        if card_status is None:
             raise CertificateNotFound("the application's card certificate is gone")
         existing = [
             ExistingCertificate(
-                serial=r.serial,
-                cert_type=CertType(r.cert_type),
-                se_cin=r.se_cin or "",
-                status=Status(r.status),
-                expired=_aware(r.not_after) <= now,
+                serial=serial,
+                cert_type=CertType(cert_type),
+                se_cin=se_cin or "",
+                status=Status(status),
+                expired=read_time(not_after) <= now,
             )
-            for r in rows
+            for serial, cert_type, se_cin, status, not_after in (row[8:13] for row in rows)
+            if serial is not None
         ]
-        card_usable = card.status is Status.VALID and card.not_after > now
+        card_usable = Status(card_status) is Status.VALID and read_time(card_not_after) > now
         return decide_branch(verified.se.cin, existing, card_usable=card_usable)
 
     # ---------------------------------------------------------------- phone certificates
@@ -932,7 +910,7 @@ class CertificateAuthority:
             except CaError as refusal:
                 outcomes.append(refusal)
         for chunk in chunks(rows, 500):
-            await execute_many(conn, _INSERT_CERTIFICATE, chunk)
+            await execute_many(conn, INSERT_CERTIFICATE, chunk)
         for plan in stored:
             log.info(
                 "ca.phone_issued",
@@ -966,7 +944,7 @@ class CertificateAuthority:
                 ca_der=issuer.der,
             )
             rows.append(
-                _row_values(
+                certificate_row(
                     dialect,
                     serial=serial_hex(item.serial),
                     ca_kind=issuer.kind.value,
@@ -1514,28 +1492,19 @@ async def _read_issue_states(
     """What issuance reads, for each of ``saga_ids`` that has a verified application."""
     grouped: dict[str, list[Any]] = {}
     for chunk in chunks(list(dict.fromkeys(saga_ids)), 500):
-        for row in await fetch(conn, _ISSUE_READ + in_list(len(chunk)), tuple(chunk)):
+        for row in await fetch(conn, ISSUE_READ + in_list(len(chunk)), tuple(chunk)):
             grouped.setdefault(row[0], []).append(row)
-    read_time = _time_reader(conn.dialect)
+    read_time = time_columns(conn.dialect).read
     states: dict[str, IssueState | CaError] = {}
     for saga_id, rows in grouped.items():
-        first = rows[0]
-        person_id, se_cin, se_kdd, card_serial, cert_types, pin_option = first[1:7]
-        card_status, card_not_after, card_der = first[7:10]
+        card_status, card_not_after, card_der = rows[0][7:10]
         if card_status is None:
             states[saga_id] = CertificateNotFound("the application's card certificate is gone")
             continue
         states[saga_id] = IssueState(
-            verified=VerifiedApplication(
-                saga_id=saga_id,
-                person_id=person_id,
-                se=SeIdentity(cin=se_cin, kdd=se_kdd),
-                card_serial=card_serial,
-                certificates=tuple(CertType(c) for c in cert_types.split(",")),
-                pin_option=pin_option,
-            ),
+            verified=_verified_columns(saga_id, *rows[0][1:7]),
             card_status=Status(card_status),
-            card_not_after=_aware(read_time(card_not_after)),
+            card_not_after=read_time(card_not_after),
             card_der=card_der,
             stored={
                 CertType(row[10]): StoredCertificate(
@@ -1560,44 +1529,6 @@ def _raise_refusal(outcome: _T | CaError | None) -> _T:
     if isinstance(outcome, CaError):
         raise outcome
     return outcome
-
-
-_TIME_PROCESSORS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {}
-
-
-def _time_processors(dialect: Dialect) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
-    """How this dialect's driver writes and reads our ``DateTime`` columns (SQLite: text in
-    SQLAlchemy's format; asyncpg: datetime objects), for driver SQL that must agree with
-    the rows SQLAlchemy writes and reads."""
-    processors = _TIME_PROCESSORS.get(dialect.name)
-    if processors is None:
-        implementation = t.certificates.c.not_after.type.dialect_impl(dialect)
-        write = implementation.bind_processor(dialect)
-        read = implementation.result_processor(dialect, None) or _unchanged
-        # an issuance writes the same few times for both its certificates, and every
-        # certificate of a card the card's expiry: formatting each once is enough
-        processors = _TIME_PROCESSORS[dialect.name] = (
-            functools.lru_cache(maxsize=256)(write) if write else _unchanged,
-            read,
-        )
-    return processors
-
-
-def _unchanged(value: Any) -> Any:
-    return value
-
-
-def _time_reader(dialect: Dialect) -> Callable[[Any], Any]:
-    return _time_processors(dialect)[1]
-
-
-def _row_values(dialect: Dialect, **values: Any) -> tuple[Any, ...]:
-    """``values`` (every certificate column) as the driver's parameter tuple."""
-    write_time = _time_processors(dialect)[0]
-    for name in ("status_changed_at", "not_before", "not_after", "issued_at"):
-        if values[name] is not None:
-            values[name] = write_time(values[name])
-    return tuple(values[name] for name in _CERTIFICATE_COLUMNS)
 
 
 def _remember(cache: OrderedDict[Any, Any], key: Any, value: Any) -> None:
@@ -1638,11 +1569,78 @@ def _certificate_row(
 
 
 def _verified_row(row: Any) -> VerifiedApplication:
+    return _verified_columns(
+        row.saga_id,
+        row.person_id,
+        row.se_cin,
+        row.se_kdd,
+        row.card_serial,
+        row.cert_types,
+        row.pin_option,
+    )
+
+
+def _verified_columns(
+    saga_id: str,
+    person_id: str,
+    se_cin: str,
+    se_kdd: str,
+    card_serial: str,
+    cert_types: str,
+    pin_option: int | None,
+) -> VerifiedApplication:
+    """A verified application from its stored columns (``ca_applications``, in order)."""
     return VerifiedApplication(
-        saga_id=row.saga_id,
-        person_id=row.person_id,
-        se=SeIdentity(cin=row.se_cin, kdd=row.se_kdd),
-        card_serial=row.card_serial,
-        certificates=tuple(CertType(c) for c in row.cert_types.split(",")),
-        pin_option=row.pin_option,
+        saga_id=saga_id,
+        person_id=person_id,
+        se=SeIdentity(cin=se_cin, kdd=se_kdd),
+        card_serial=card_serial,
+        certificates=tuple(CertType(c) for c in cert_types.split(",")),
+        pin_option=pin_option,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CardSeen:
+    """What verification needs of the card certificate an application names."""
+
+    holder: Holder
+    cert_type: CertType
+    person_id: str
+    status: Status
+    not_before: datetime
+    not_after: datetime
+    der: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationState:
+    """What verification reads: the card certificate, who used the nonce (saga and
+    application digest) and the saga's verified application; ``None`` where there is none."""
+
+    card: CardSeen | None
+    nonce_used_by: tuple[str, str] | None
+    verified: VerifiedApplication | None
+
+
+async def _read_verification(
+    conn: AsyncConnection, card_serial: str, nonce_hex: str, saga_id: str
+) -> VerificationState:
+    (row,) = await fetch(conn, VERIFY_READ, (card_serial, nonce_hex, saga_id))
+    read_time = time_columns(conn.dialect).read
+    card = None
+    if row[0] is not None:
+        card = CardSeen(
+            holder=Holder(row[0]),
+            cert_type=CertType(row[1]),
+            person_id=row[2],
+            status=Status(row[3]),
+            not_before=read_time(row[4]),
+            not_after=read_time(row[5]),
+            der=row[6],
+        )
+    return VerificationState(
+        card=card,
+        nonce_used_by=None if row[7] is None else (row[7], row[8]),
+        verified=None if row[9] is None else _verified_columns(saga_id, *row[9:15]),
     )

@@ -358,7 +358,11 @@ class CaWorker:
         self._queue = queue
         self.relay = OutboxRelay(authority.database, transport, name=queue)
         self.consumer = InboxConsumer(
-            authority.database, transport, queue, self.service.handle_batch, relay=self.relay,
+            authority.database,
+            transport,
+            queue,
+            self.service.handle_batch,
+            relay=self.relay,
             around_batch=self.service.presigned,
         )
 
