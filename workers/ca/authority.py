@@ -47,7 +47,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from infra.db.database import Database
-from infra.db.fast import chunks, execute, execute_many, fetch, in_list
+from infra.db.fast import chunks, execute_many, fetch, in_list
 from workers.ca import tables as t
 from workers.ca.application import (
     Application,
@@ -74,13 +74,12 @@ from workers.ca.errors import (
     WrongSecureElement,
 )
 from workers.ca.hot_sql import (
-    INSERT_APPLICATION,
     INSERT_CERTIFICATE,
-    INSERT_USED_NONCE,
     ISSUE_READ,
     STATE_CHECK_READ,
     VERIFY_READ,
     certificate_row,
+    record_application,
     time_columns,
 )
 from workers.ca.keystore import Passphrase, read_key, write_key
@@ -655,14 +654,9 @@ class CertificateAuthority:
             if seen.verified is not None:
                 raise NonceReplayed("this saga already has a verified application")
             write_time = time_columns(conn.dialect).write
-            await execute(
+            await record_application(
                 conn,
-                INSERT_USED_NONCE,
                 (application.nonce.hex(), saga_id, digest, write_time(now)),
-            )
-            await execute(
-                conn,
-                INSERT_APPLICATION,
                 (
                     saga_id,
                     card.person_id,

@@ -25,7 +25,9 @@ from typing import Any
 
 from sqlalchemy import DateTime
 from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.asyncio import AsyncConnection
 
+from infra.db.fast import execute
 from workers.ca import tables as t
 
 # Verification: the card certificate named by its serial, the nonce's use if any and the
@@ -40,6 +42,8 @@ VERIFY_READ = (
     " LEFT JOIN ca_used_nonces used ON used.nonce = ?"
     " LEFT JOIN ca_applications a ON a.saga_id = ?"
 )
+# An accepted application consumes its nonce and is recorded: two inserts, whose
+# parameters are those of ``INSERT_USED_NONCE`` then those of ``INSERT_APPLICATION``.
 INSERT_USED_NONCE = (
     "INSERT INTO ca_used_nonces (nonce, saga_id, application_digest, used_at) VALUES (?, ?, ?, ?)"
 )
@@ -47,6 +51,9 @@ INSERT_APPLICATION = (
     "INSERT INTO ca_applications (saga_id, person_id, se_cin, se_kdd, card_serial, cert_types,"
     " pin_option, application_digest, verified_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# PostgreSQL runs both in one statement (one round trip; SQLite has no INSERT inside WITH).
+# A unique key broken by either still raises IntegrityError.
+INSERT_USED_NONCE_AND_APPLICATION = f"WITH used AS ({INSERT_USED_NONCE}) {INSERT_APPLICATION}"
 
 # State check: the saga's application, its card certificate, and the person's phone
 # certificates not revoked that other sagas issued (one row each; NULLs when none). The
@@ -122,6 +129,17 @@ def _time_columns(dialect: Dialect) -> TimeColumns:
 
 def _unchanged(value: Any) -> Any:
     return value
+
+
+async def record_application(
+    conn: AsyncConnection, used_nonce: tuple[Any, ...], application: tuple[Any, ...]
+) -> None:
+    """Consume the nonce and record the verified application (rows in the columns' order)."""
+    if conn.dialect.name == "postgresql":
+        await execute(conn, INSERT_USED_NONCE_AND_APPLICATION, used_nonce + application)
+        return
+    await execute(conn, INSERT_USED_NONCE, used_nonce)
+    await execute(conn, INSERT_APPLICATION, application)
 
 
 def certificate_row(dialect: Dialect, **values: Any) -> tuple[Any, ...]:

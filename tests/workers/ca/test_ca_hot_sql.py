@@ -24,7 +24,7 @@ from workers.ca.errors import (
     NonceReplayed,
     UnknownCardCertificate,
 )
-from workers.ca.hot_sql import INSERT_USED_NONCE, time_columns
+from workers.ca.hot_sql import INSERT_USED_NONCE, record_application, time_columns
 from workers.ca.profiles import Holder
 from workers.ca.revocation import Cause
 
@@ -103,14 +103,31 @@ async def test_both_paths_store_a_time_alike(store, moment) -> None:
     assert type(by_driver) is type(by_core)
 
 
-async def test_a_used_nonce_inserted_twice_is_an_integrity_error(store) -> None:
-    """The CA relies on the unique key, whichever driver runs the statement."""
+def _application_row(saga_id: str, write) -> tuple:
+    return (saga_id, "person-1", "CIN", "KDD", "0" * 40, "auth,sign", 4, "d" * 64, write(T0))
+
+
+@pytest.mark.parametrize(
+    ("second_nonce", "second_saga"),
+    [("ef" * 16, "saga-2"), ("fe" * 16, "saga-1")],
+    ids=["nonce-spent", "saga-recorded"],
+)
+async def test_recording_over_a_unique_key_is_an_integrity_error(
+    store, second_nonce, second_saga
+) -> None:
+    """The CA relies on the unique keys of the nonce and of the saga's application,
+    whichever driver runs the statements (on PostgreSQL, one statement for both)."""
     async with store.database.transaction() as conn:
         write = time_columns(conn.dialect).write
-        row = ("ef" * 16, "saga-1", "d" * 64, write(T0))
-        await execute(conn, INSERT_USED_NONCE, row)
+        await record_application(
+            conn, ("ef" * 16, "saga-1", "d" * 64, write(T0)), _application_row("saga-1", write)
+        )
         with pytest.raises(IntegrityError):
-            await execute(conn, INSERT_USED_NONCE, row)
+            await record_application(
+                conn,
+                (second_nonce, second_saga, "d" * 64, write(T0)),
+                _application_row(second_saga, write),
+            )
 
 
 async def test_verification_and_issuance_rows_read_the_same_through_core(
