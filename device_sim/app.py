@@ -1116,15 +1116,6 @@ class PhoneLink(Protocol):
     async def send(self, message: Message) -> None: ...
 
 
-# The SE is a chip of its own, not the app's UI thread. A script that makes it generate key
-# pairs makes it sign their proofs of possession (RSA-2048, ~0.3 ms each): it runs on a
-# worker thread, where OpenSSL releases the GIL while signing, so that a back end in the same
-# process (the embedded default) goes on meanwhile. Only these scripts: a thread hand-off
-# costs more than the rest of a script's work. The phone's lock still admits one event at a
-# time, and an SE belongs to one phone.
-_SE_SIGNING_OPERATIONS = frozenset({"generate_keys"})
-
-
 class PhoneApp:
     """Runs an ``AppCore``: feeds it messages from the link and the user's answers, and
     carries out what it asks. A new ``PhoneApp`` over the same SE is a reinstall."""
@@ -1146,12 +1137,7 @@ class PhoneApp:
     async def deliver(self, message: Message) -> None:
         """A message from the back end arrived on the down link."""
         async with self._lock:
-            body = message.body
-            if isinstance(body, tsm.SeScript) and body.operation in _SE_SIGNING_OPERATIONS:
-                actions = await asyncio.to_thread(self.core.receive, message)
-            else:
-                actions = self.core.receive(message)
-            await self._carry_out(actions, message.envelope.device_id)
+            await self._carry_out(self.core.receive(message), message.envelope.device_id)
 
     async def _carry_out(self, actions: list[Action], device_id: str | None = None) -> None:
         pending = list(actions)
