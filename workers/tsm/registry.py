@@ -509,16 +509,17 @@ class SqlUnit:
             await self._change(command_id, "done", reply, state)
             return
         # Ended without a reply (a transient failure): it waits for nothing any more.
-        operation = await self._operation(command_id)
-        if operation is not None:
-            self._wait_for(operation, None)
-            operation.state, operation.updated_at = None, time.time()
-            self._changed_operations.add(command_id)
+        await self._set_waiting(command_id, None, None)
 
     async def suspend(
         self, record: SeRecord, command_id: str, script_id: str, state: bytes
     ) -> None:
         await self.save(record)
+        await self._set_waiting(command_id, script_id, state)
+
+    async def _set_waiting(
+        self, command_id: str, script_id: str | None, state: bytes | None
+    ) -> None:
         operation = await self._operation(command_id)
         if operation is not None:
             self._wait_for(operation, script_id)
