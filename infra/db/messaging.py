@@ -1,7 +1,7 @@
 """The outbox and inbox tables every service with messages owns (one pair per service).
 
 ``outbox``: messages written in the same transaction as the state change that caused
-them; the ``OutboxRelay`` publishes them afterwards and marks them sent. ``inbox``: the
+them; the ``OutboxRelay`` publishes them afterwards and deletes them. ``inbox``: the
 ids of messages already handled, inserted in the same transaction as their effect, so a
 redelivered message is recognised and its effect not applied twice.
 
@@ -38,18 +38,8 @@ outbox = Table(
     Column("body", LargeBinary, nullable=False),
     Column("headers", Text, nullable=True),  # JSON object of str → str
     Column("created_at", Float, nullable=False),
-    Column("sent_at", Float, nullable=True),
     Column("retry_at", Float, nullable=True),  # set after a failed publish: not before
 )
-# Only unsent rows are indexed, so the relay's claim query stays small however many sent
-# rows wait for purging.
-Index(
-    "ix_outbox_pending",
-    outbox.c.id,
-    sqlite_where=outbox.c.sent_at.is_(None),
-    postgresql_where=outbox.c.sent_at.is_(None),
-)
-Index("ix_outbox_sent_at", outbox.c.sent_at)
 
 inbox = Table(
     "inbox",
@@ -90,6 +80,36 @@ def create_messaging_tables() -> None:
         Column("received_at", Float, nullable=False),
     )
     op.create_index("ix_inbox_received_at", "inbox", ["received_at"])
+
+
+def delete_sent_outbox_rows() -> None:
+    """From inside a migration's ``upgrade()``: the relay deletes what it published, so
+    the outbox holds only pending rows; the sent mark and its indexes go (marking a row
+    rewrote it whole, message body included, on SQLite)."""
+    from alembic import op
+
+    op.execute("DELETE FROM outbox WHERE sent_at IS NOT NULL")
+    op.drop_index("ix_outbox_sent_at", table_name="outbox")
+    op.drop_index("ix_outbox_pending", table_name="outbox")
+    with op.batch_alter_table("outbox") as batch:
+        batch.drop_column("sent_at")
+
+
+def restore_sent_outbox_marks() -> None:
+    """``delete_sent_outbox_rows`` undone: every row left is pending."""
+    from alembic import op
+    from sqlalchemy import column
+
+    with op.batch_alter_table("outbox") as batch:
+        batch.add_column(Column("sent_at", Float, nullable=True))
+    op.create_index(
+        "ix_outbox_pending",
+        "outbox",
+        ["id"],
+        sqlite_where=column("sent_at").is_(None),
+        postgresql_where=column("sent_at").is_(None),
+    )
+    op.create_index("ix_outbox_sent_at", "outbox", ["sent_at"])
 
 
 def drop_messaging_tables() -> None:

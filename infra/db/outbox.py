@@ -2,15 +2,15 @@
 
 ``add_to_outbox(conn, messages)`` inside the transaction that changes state; the
 ``OutboxRelay`` of the process then publishes pending rows through the transport (which
-returns only after publisher confirms) and marks them sent. A crash between publish and
-mark publishes the row again: delivery is at-least-once and receivers de-duplicate by
-message id (the inbox).
+returns only after publisher confirms) and deletes them: the outbox holds only what is
+still to be published. A crash between publish and delete publishes the row again:
+delivery is at-least-once and receivers de-duplicate by message id (the inbox).
 
 Claiming: on PostgreSQL any number of relays run at once; each claims a batch with
 ``SELECT ... FOR UPDATE SKIP LOCKED`` and keeps the row locks until the publish is confirmed
-and the rows are marked sent, so two relays never hold the same row and a relay that dies
+and the rows are deleted, so two relays never hold the same row and a relay that dies
 releases its rows with its connection. On SQLite the file belongs to one process with one
-relay; it reads the batch under the write lock, publishes, and marks the rows sent. Rows
+relay; it reads the batch under the write lock, publishes, and deletes the rows. Rows
 the process itself just committed skip the claim (``handoff``): see ``OutboxRelay``.
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 
 import msgspec
 import structlog
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from infra.db.database import Database
@@ -96,17 +96,17 @@ class OutboxRelay:
     """Publishes a service's outbox rows.
 
     Fast path: after a commit, the committer hands the rows it wrote to ``handoff()``; the
-    relay publishes them at once and marks them sent in one statement per ``mark_interval``
-    (a crash before the mark republishes them: at-least-once). Recovery path: every
+    relay publishes them at once and deletes them in one statement per ``delete_interval``
+    (a crash before the delete republishes them: at-least-once). Recovery path: every
     ``poll_interval`` (and at start) the relay claims pending rows older than ``grace``
     seconds (rows whose handoff died with a process, or whose publish failed) - with
     ``FOR UPDATE SKIP LOCKED`` on PostgreSQL, so any number of relays share the work.
     ``fast_path=False`` leaves everything to the claim path (``wake()`` runs it now).
 
     Rows a publish could not place (broker refused, no queue bound yet) are retried after
-    ``retry_delay`` without holding up the others. Sent rows are purged after
-    ``keep_sent`` seconds and inbox ids after ``keep_inbox`` seconds (the inbox must outlive
-    any redelivery, so keep it far longer than a message can wait in a queue).
+    ``retry_delay`` without holding up the others. Inbox ids are purged after
+    ``keep_inbox`` seconds (the inbox must outlive any redelivery, so keep it far longer
+    than a message can wait in a queue).
     """
 
     def __init__(
@@ -118,9 +118,8 @@ class OutboxRelay:
         poll_interval: float = 1.0,
         grace: float = 5.0,
         fast_path: bool = True,
-        mark_interval: float = 0.25,
+        delete_interval: float = 0.25,
         retry_delay: float = 2.0,
-        keep_sent: float = 3600.0,
         keep_inbox: float = 7 * 86400.0,
         clock: Callable[[], float] = time.time,
         name: str = "relay",
@@ -131,20 +130,19 @@ class OutboxRelay:
         self._poll_interval = poll_interval
         self._grace = grace if fast_path else 0.0
         self._fast_path = fast_path
-        self._mark_interval = mark_interval
+        self._delete_interval = delete_interval
         self._retry_delay = retry_delay
-        self._keep_sent = keep_sent
         self._keep_inbox = keep_inbox
         self._clock = clock
         self._name = name
         self._wake = asyncio.Event()
         self._poll_now = True
         self._handed: list[Outgoing] = []
-        self._in_flight: set[str] = set()  # handed off, not yet marked sent
-        self._unmarked: list[str] = []
+        self._in_flight: set[str] = set()  # handed off, not yet deleted
+        self._to_delete: list[str] = []
         self._task: asyncio.Task[None] | None = None
         self._last_poll = 0.0
-        self._last_mark = 0.0
+        self._last_delete = 0.0
         self._last_purge = 0.0
         self.published = 0
 
@@ -176,7 +174,7 @@ class OutboxRelay:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         with contextlib.suppress(Exception):
-            await self._mark_sent()  # what was published need not be published again
+            await self._delete_sent()  # what was published need not be published again
         self._handed.clear()
         self._in_flight.clear()
 
@@ -185,11 +183,11 @@ class OutboxRelay:
             try:
                 await self._publish_handed()
                 now = self._clock()
-                # Marks are bookkeeping: batch them so they do not compete for the
-                # database with the work itself.
-                if self._unmarked and (now - self._last_mark >= self._mark_interval
-                                       or len(self._unmarked) >= 10_000):
-                    await self._mark_sent()
+                # Deleting what was sent is bookkeeping: batch it so it does not compete
+                # for the database with the work itself.
+                if self._to_delete and (now - self._last_delete >= self._delete_interval
+                                       or len(self._to_delete) >= 10_000):
+                    await self._delete_sent()
                 if self._poll_now or now - self._last_poll >= self._poll_interval:
                     self._poll_now = False
                     self._last_poll = now
@@ -203,7 +201,7 @@ class OutboxRelay:
                 await asyncio.sleep(self._retry_delay)
             if self._handed:
                 continue
-            timeout = self._mark_interval if self._unmarked else self._poll_interval
+            timeout = self._delete_interval if self._to_delete else self._poll_interval
             # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel
             # that arrives as its wait completes (CPython gh-86296), and stop() would hang.
             with contextlib.suppress(TimeoutError):
@@ -225,19 +223,17 @@ class OutboxRelay:
                 self._poll_now = True
                 continue
             self.published += len(batch)
-            self._unmarked.extend(m.message_id for m in batch)
+            self._to_delete.extend(m.message_id for m in batch)
 
-    async def _mark_sent(self) -> None:
-        if not self._unmarked:
+    async def _delete_sent(self) -> None:
+        if not self._to_delete:
             return
-        ids, self._unmarked = self._unmarked, []
-        now = self._last_mark = self._clock()
+        ids, self._to_delete = self._to_delete, []
+        self._last_delete = self._clock()
         async with self._db.transaction() as conn:
             for start in range(0, len(ids), 1000):
                 chunk = ids[start : start + 1000]
-                await conn.execute(
-                    update(outbox).where(outbox.c.message_id.in_(chunk)).values(sent_at=now)
-                )
+                await conn.execute(delete(outbox).where(outbox.c.message_id.in_(chunk)))
         self._in_flight.difference_update(ids)
 
     def _pending(self, now: float) -> Any:
@@ -246,9 +242,8 @@ class OutboxRelay:
         return (
             select(outbox.c.id, outbox.c.message_id, outbox.c.routing_key, outbox.c.body,
                    outbox.c.headers)
-            .where(and_(outbox.c.sent_at.is_(None),
-                        outbox.c.created_at <= now - grace,
-                        or_(outbox.c.retry_at.is_(None), outbox.c.retry_at <= now)))
+            .where(outbox.c.created_at <= now - grace,
+                   or_(outbox.c.retry_at.is_(None), outbox.c.retry_at <= now))
             .order_by(outbox.c.id)
             .limit(self._batch_size)
         )
@@ -257,7 +252,7 @@ class OutboxRelay:
         """Claim, publish and mark one batch of pending rows; returns how many it published
         (rows already in flight on the fast path are left to it, so a full batch of those
         ends the loop instead of spinning on them)."""
-        await self._mark_sent()
+        await self._delete_sent()
         now = self._clock()
         if self._db.is_postgres:
             async with self._db.transaction() as conn:
@@ -265,17 +260,17 @@ class OutboxRelay:
                 rows = (await conn.execute(claim)).all()
                 mine = [r for r in rows if r.message_id not in self._in_flight]
                 if mine:
-                    await self._publish_and_mark(conn, mine)
+                    await self._publish_and_delete(conn, mine)
             return len(mine)
         async with self._db.transaction() as conn:
             rows = (await conn.execute(self._pending(now))).all()
         mine = [r for r in rows if r.message_id not in self._in_flight]
         if mine:
             async with self._db.transaction() as conn:
-                await self._publish_and_mark(conn, mine)
+                await self._publish_and_delete(conn, mine)
         return len(mine)
 
-    async def _publish_and_mark(self, conn: AsyncConnection, rows: Sequence[Any]) -> None:
+    async def _publish_and_delete(self, conn: AsyncConnection, rows: Sequence[Any]) -> None:
         sent_ids: list[int] = []
         failed_ids: list[int] = []
         try:
@@ -296,7 +291,7 @@ class OutboxRelay:
                     failed_ids.append(row.id)
         now = self._clock()
         if sent_ids:
-            await conn.execute(update(outbox).where(outbox.c.id.in_(sent_ids)).values(sent_at=now))
+            await conn.execute(delete(outbox).where(outbox.c.id.in_(sent_ids)))
             self.published += len(sent_ids)
         if failed_ids:
             await conn.execute(
@@ -310,5 +305,4 @@ class OutboxRelay:
             return
         self._last_purge = now
         async with self._db.transaction() as conn:
-            await conn.execute(delete(outbox).where(outbox.c.sent_at < now - self._keep_sent))
             await conn.execute(delete(inbox).where(inbox.c.received_at < now - self._keep_inbox))
