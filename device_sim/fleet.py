@@ -70,6 +70,7 @@ from device_sim.se.jpki_applet import (
     default_data_dir,
 )
 from infra.bus import Bus
+from infra.heap import freeze_start_up_objects
 from infra.logging import configure_logging
 from infra.mqtt import TOPIC_ROOT, MqttPhoneLink
 from infra.transport.phone_link import DownHandler, InProcessPhoneHub, PhoneLink
@@ -820,6 +821,7 @@ async def _fleet_main(
         hub = InProcessPhoneHub(Bus(transport))
         await hub.start()
         make_link = hub.link
+    freeze_start_up_objects()
 
     if hold_only:
         await hold_sessions(fleet, make_link)

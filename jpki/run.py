@@ -55,6 +55,7 @@ from device_sim.relying_party import HttpOcspClient, RelyingParty
 from device_sim.se.jpki_applet import GeneratedKeys, KeySource, PooledKeys
 from infra.bus import SERVICE_QUEUES, Bus, declare_topology
 from infra.db import Database
+from infra.heap import start_up_objects_frozen
 from infra.logging import configure_logging
 from infra.transport.base import Transport
 from infra.transport.inprocess import InProcessTransport
@@ -288,10 +289,11 @@ async def run_stack(
             await gateway.start()
         if on_ready is not None:
             on_ready(len(fleet.phones))
-        started, cpu_started = time.time(), time.process_time()
-        await fleet.run(make_link, relying_party=relying_party if settings.login else None,
-                        concurrency=settings.concurrency, on_result=on_result)
-        wall, cpu = time.time() - started, time.process_time() - cpu_started
+        with start_up_objects_frozen():
+            started, cpu_started = time.time(), time.process_time()
+            await fleet.run(make_link, relying_party=relying_party if settings.login else None,
+                            concurrency=settings.concurrency, on_result=on_result)
+            wall, cpu = time.time() - started, time.process_time() - cpu_started
         await _settle(orchestrator, timeout_s=30.0)
     finally:
         await session.close()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from infra.heap import freeze_start_up_objects
 from infra.logging import configure_logging
 from jpki.run import local_secret, run_until_signal
 
@@ -48,6 +49,7 @@ def ca_worker_command(data_dir: Path, amqp_url: str, db_url: str | None, log_lev
         ca = CaWorker(authority, transport)
         try:
             await ca.start()
+            freeze_start_up_objects()
             await asyncio.Event().wait()
         finally:
             await ca.stop()
@@ -80,6 +82,7 @@ def tsm_worker_command(data_dir: Path, amqp_url: str, db_url: str | None, log_le
         tsm = TsmWorker(db, transport, ring)
         try:
             await tsm.start()
+            freeze_start_up_objects()
             await asyncio.Event().wait()
         finally:
             await tsm.stop()

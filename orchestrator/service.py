@@ -17,6 +17,7 @@ import structlog
 
 from infra.bus import SERVICE_QUEUES
 from infra.db import Database, upgrade
+from infra.heap import freeze_start_up_objects
 from infra.transport.base import Transport
 from orchestrator.flows.ending import EndingMachine
 from orchestrator.flows.issuance import issuance
@@ -73,6 +74,7 @@ async def serve(amqp_url: str, db_url: str | None, data_dir: str) -> None:
     orchestrator = Orchestrator(db, transport)
     try:
         await orchestrator.start()
+        freeze_start_up_objects()
         await asyncio.Event().wait()  # until cancelled (SIGINT / SIGTERM)
     finally:
         await orchestrator.stop()

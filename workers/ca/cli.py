@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from infra.heap import freeze_start_up_objects
 from workers.ca.authority import CertificateAuthority
 from workers.ca.errors import CaKeyUnavailable
 from workers.ca.keystore import Passphrase
@@ -132,6 +133,7 @@ def serve_command(data_dir: Path, db_url: str | None, host: str, port: int) -> N
             loop.add_signal_handler(signum, stop.set)
         ca = await _open(data_dir, db_url)
         runner = await serve(ca, host, port)
+        freeze_start_up_objects()
         click.echo(f"OCSP responder on http://{host}:{port}/", err=True)
         try:
             await stop.wait()

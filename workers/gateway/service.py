@@ -51,6 +51,7 @@ from infra.bus import (
     RetryBackoff,
     check_from_phone,
 )
+from infra.heap import freeze_start_up_objects
 from infra.mqtt import (
     GATEWAY_SHARE_GROUP,
     TOPIC_ROOT,
@@ -277,6 +278,7 @@ async def run_gateway(
     session, and its unacknowledged messages, until it returns under the same name)."""
     gateway = Gateway(transport, mqtt_url, name=name, topic_root=topic_root)
     await gateway.start()
+    freeze_start_up_objects()
     try:
         await (stop or asyncio.Event()).wait()
     finally:
