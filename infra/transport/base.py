@@ -15,6 +15,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
+import structlog
+
 from protocol.errors import Disposition, JpkiError
 
 PARKING_SUFFIX = ".parking"  # queue ``q`` dead-letters into ``q.parking``
@@ -80,6 +82,19 @@ class Delivery(ABC):
 
 
 Handler = Callable[[Delivery], Awaitable[None]]
+
+log = structlog.get_logger(__name__)
+
+
+async def handle_or_retry(handler: Handler, delivery: Delivery, queue: str) -> None:
+    """Run a consumer's handler on ``delivery``. A handler that raises has a bug, which must
+    not kill the consumer: the delivery is retried (and parked past the delivery limit)."""
+    try:
+        await handler(delivery)
+    except Exception as exc:
+        log.warning("transport.handler_raised", queue=queue, message_id=delivery.message_id,
+                    error=type(exc).__name__)
+        await delivery.retry()
 
 
 class Subscription(ABC):

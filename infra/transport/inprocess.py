@@ -32,6 +32,7 @@ from infra.transport.base import (
     Transport,
     TransportError,
     Unroutable,
+    handle_or_retry,
     parking_lot,
 )
 
@@ -132,23 +133,12 @@ class _Consumer(Subscription):
     def deliver(self, message: _Message) -> None:
         delivery = _InProcessDelivery(message, self)
         self.unsettled.add(delivery)
-        task = asyncio.get_running_loop().create_task(self._run(delivery))
+        task = asyncio.get_running_loop().create_task(
+            handle_or_retry(self.handler, delivery, self.queue.name)
+        )
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _run(self, delivery: _InProcessDelivery) -> None:
-        try:
-            await self.handler(delivery)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a handler bug must not kill the consumer: retry it
-            log.warning(
-                "transport.handler_raised",
-                queue=self.queue.name,
-                message_id=delivery.message_id,
-                error=type(exc).__name__,
-            )
-            await delivery.retry()
 
     def release(self, delivery: _InProcessDelivery) -> bool:
         if delivery not in self.unsettled:

@@ -62,6 +62,7 @@ from infra.transport.base import (
     Transport,
     TransportError,
     Unroutable,
+    handle_or_retry,
     parking_lot,
 )
 
@@ -284,17 +285,7 @@ class _RabbitSubscription(Subscription):
         if task is not None:
             self.tasks.add(task)
         try:
-            await self._handler(delivery)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a handler bug must not kill the consumer: retry it
-            log.warning(
-                "transport.handler_raised",
-                queue=self.queue,
-                message_id=delivery.message_id,
-                error=type(exc).__name__,
-            )
-            await delivery.retry()
+            await handle_or_retry(self._handler, delivery, self.queue)
         finally:
             if task is not None:
                 self.tasks.discard(task)
