@@ -53,7 +53,6 @@ Index("ix_inbox_received_at", inbox.c.received_at)
 def create_messaging_tables() -> None:
     """Create ``outbox`` and ``inbox`` from inside an Alembic migration's ``upgrade()``."""
     from alembic import op
-    from sqlalchemy import column
 
     op.create_table(
         "outbox",
@@ -66,14 +65,7 @@ def create_messaging_tables() -> None:
         Column("sent_at", Float, nullable=True),
         Column("retry_at", Float, nullable=True),
     )
-    op.create_index(
-        "ix_outbox_pending",
-        "outbox",
-        ["id"],
-        sqlite_where=column("sent_at").is_(None),
-        postgresql_where=column("sent_at").is_(None),
-    )
-    op.create_index("ix_outbox_sent_at", "outbox", ["sent_at"])
+    _create_sent_mark_indexes()
     op.create_table(
         "inbox",
         Column("message_id", String(200), primary_key=True),
@@ -98,10 +90,18 @@ def delete_sent_outbox_rows() -> None:
 def restore_sent_outbox_marks() -> None:
     """``delete_sent_outbox_rows`` undone: every row left is pending."""
     from alembic import op
-    from sqlalchemy import column
 
     with op.batch_alter_table("outbox") as batch:
         batch.add_column(Column("sent_at", Float, nullable=True))
+    _create_sent_mark_indexes()
+
+
+def _create_sent_mark_indexes() -> None:
+    """The indexes of the outbox's sent mark (until ``delete_sent_outbox_rows``): only
+    unsent rows, and the purge's sent time."""
+    from alembic import op
+    from sqlalchemy import column
+
     op.create_index(
         "ix_outbox_pending",
         "outbox",
