@@ -14,6 +14,7 @@ from ca_support import (
     card_sign,
     issue_card,
     key_request,
+    verify,
 )
 
 from infra.db.outbox import outgoing
@@ -207,14 +208,7 @@ async def test_a_batch_keeps_the_order_of_effects(ca, keys) -> None:
 
     card = await issue_card(ca, keys)
     for saga in ("saga-1", "saga-2"):
-        await ca.verify_application(
-            saga_id=saga,
-            expected_nonce=(n := os.urandom(32)),
-            expected_se=SE,
-            to_be_signed=application(saga, n).to_be_signed(),
-            signature=card_sign(card, application(saga, n)),
-            card_certificate=card.certs.sign.der,
-        )
+        await verify(ca, card, saga, os.urandom(32))
     one, requests = issue_command("saga-1", keys, command_id="one")
     again, _ = issue_command("saga-1", keys, command_id="again", pair=requests)
     two, _ = issue_command("saga-2", keys, command_id="two")
@@ -290,14 +284,7 @@ async def test_presigned_issues_see_the_commands_before_them(ca, keys) -> None:
 
     card = await issue_card(ca, keys)
     for saga in ("saga-1", "saga-2"):
-        await ca.verify_application(
-            saga_id=saga,
-            expected_nonce=(n := os.urandom(32)),
-            expected_se=SE,
-            to_be_signed=application(saga, n).to_be_signed(),
-            signature=card_sign(card, application(saga, n)),
-            card_certificate=card.certs.sign.der,
-        )
+        await verify(ca, card, saga, os.urandom(32))
     one, requests = issue_command("saga-1", keys, command_id="one")
     again, _ = issue_command("saga-1", keys, command_id="again", pair=requests)
     two, _ = issue_command("saga-2", keys, command_id="two")
