@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from infra.transport.base import Delivery, Transport
+from infra.transport.base import Delivery, Subscription, Transport
 from infra.transport.inprocess import InProcessTransport
 from infra.transport.rabbitmq import RabbitMQTransport
 from tests.infra.test_transport import TRANSPORTS, Recorder, depth, eventually, out
@@ -39,15 +39,23 @@ async def _hold(delivery: Delivery) -> None:
     """Leave the delivery unsettled (as the inbox consumer does until its batch commits)."""
 
 
+async def _held(
+    transport: Transport, queue: str, count: int
+) -> tuple[Recorder, Subscription, list[Delivery]]:
+    """``count`` messages m1, m2, ... published to ``queue`` and delivered, all left in hand."""
+    await transport.declare_queue(queue, ["work.#"])
+    await transport.publish([out("work.x", n) for n in range(1, count + 1)])
+    held = Recorder(_hold)
+    sub = await transport.consume(queue, held, prefetch=10)
+    return held, sub, await held.wait_for(count)
+
+
 async def test_ack_many_leaves_a_delivery_in_hand_unacked(
     transport: Transport, unique: str
 ) -> None:
     queue = f"q-{unique}"
-    await transport.declare_queue(queue, ["work.#"])
-    await transport.publish([out("work.x", n) for n in range(1, 7)])
-    held = Recorder(_hold)
-    sub = await transport.consume(queue, held, prefetch=10)
-    deliveries = {d.message_id: d for d in await held.wait_for(6)}
+    held, sub, in_hand = await _held(transport, queue, 6)
+    deliveries = {d.message_id: d for d in in_hand}
     # m3 is still being handled and m6 belongs to the next batch
     await transport.ack_many([deliveries[m] for m in ("m1", "m2", "m4", "m5")])
     await sub.cancel()
@@ -64,11 +72,7 @@ async def test_ack_many_leaves_a_delivery_in_hand_unacked(
 
 async def test_ack_many_skips_settled_deliveries(transport: Transport, unique: str) -> None:
     queue = f"q-{unique}"
-    await transport.declare_queue(queue, ["work.#"])
-    await transport.publish([out("work.x", n) for n in range(1, 4)])
-    held = Recorder(_hold)
-    sub = await transport.consume(queue, held, prefetch=10)
-    first, second, third = await held.wait_for(3)
+    held, sub, (first, second, third) = await _held(transport, queue, 3)
     await first.ack()
     await second.retry()  # requeued: it comes back as a new delivery
     redelivered = (await held.wait_for(4))[3]
@@ -91,11 +95,8 @@ async def test_acks_and_retries_asked_for_together_settle_each_one(
     transport: Transport, unique: str
 ) -> None:
     queue = f"q-{unique}"
-    await transport.declare_queue(queue, ["work.#"])
-    await transport.publish([out("work.x", n) for n in range(1, 7)])
-    held = Recorder(_hold)
-    sub = await transport.consume(queue, held, prefetch=10)
-    deliveries = {d.message_id: d for d in await held.wait_for(6)}
+    held, sub, in_hand = await _held(transport, queue, 6)
+    deliveries = {d.message_id: d for d in in_hand}
     # one round of the event loop: merged into one block on RabbitMQ, m6 still in hand
     await asyncio.gather(deliveries["m1"].ack(), deliveries["m2"].ack(),
                          deliveries["m3"].retry(), deliveries["m4"].ack(),
