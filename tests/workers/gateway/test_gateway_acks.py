@@ -8,7 +8,8 @@ broker hands the message over again and it reaches the bus: nothing is lost in b
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 
 import msgspec
 import pytest
@@ -111,20 +112,7 @@ class SlowConfirms(InProcessTransport):
 async def test_up_messages_go_out_in_batches_each_device_in_order(
     mqtt_url: str, unique: str
 ) -> None:
-    root, group = f"jpki-test-{unique}/dev", f"gw-{unique}"
-    bus = SlowConfirms()
-    await bus.connect()
-    await bus.declare_queue("orchestrator", ["app.event.#"])
-    got: list[Message] = []
-    await Bus(bus).subscribe("orchestrator", lambda message: _append(got, message))
-    gateway = Gateway(bus, mqtt_url, name=f"g-{unique}", topic_root=root, share_group=group,
-                      backoff=FAST)
-    await gateway.start()
-    phones = [MqttPhoneLink(mqtt_url, f"batch-{unique}-{p}", topic_root=root, backoff=FAST)
-              for p in range(10)]
-    try:
-        for phone in phones:
-            await phone.start(lambda message: asyncio.sleep(0))
+    async with _gateway_and_phones(mqtt_url, unique, "batch", 10) as (bus, gateway, phones, got):
 
         async def send_five(phone: MqttPhoneLink) -> None:
             for n in range(5):
@@ -134,10 +122,6 @@ async def test_up_messages_go_out_in_batches_each_device_in_order(
         async with asyncio.timeout(15):
             while len({m.envelope.message_id for m in got}) < 50:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
-    finally:
-        for phone in phones:
-            await phone.close(forget=True)
-        await gateway.stop(forget=True)
     for phone in phones:
         sent = [m.body.n for m in got if m.envelope.device_id == phone.device_id]
         assert sent == sorted(sent) and set(sent) == set(range(5))
@@ -149,6 +133,33 @@ async def _append(got: list[Message], message: Message) -> None:
     got.append(message)
 
 
+@contextlib.asynccontextmanager
+async def _gateway_and_phones(
+    mqtt_url: str, unique: str, name: str, phones: int
+) -> AsyncIterator[tuple[SlowConfirms, Gateway, list[MqttPhoneLink], list[Message]]]:
+    """A gateway over a slow-confirming bus whose orchestrator queue takes ``app.event.#``
+    (what it gets is collected), and ``phones`` started phone links under its topic root."""
+    root, group = f"jpki-test-{unique}/dev", f"gw-{unique}"
+    bus = SlowConfirms()
+    await bus.connect()
+    await bus.declare_queue("orchestrator", ["app.event.#"])
+    got: list[Message] = []
+    await Bus(bus).subscribe("orchestrator", lambda message: _append(got, message))
+    gateway = Gateway(bus, mqtt_url, name=f"g-{unique}", topic_root=root, share_group=group,
+                      backoff=FAST)
+    await gateway.start()
+    links = [MqttPhoneLink(mqtt_url, f"{name}-{unique}-{p}", topic_root=root, backoff=FAST)
+             for p in range(phones)]
+    try:
+        for link in links:
+            await link.start(lambda message: asyncio.sleep(0))
+        yield bus, gateway, links, got
+    finally:
+        for link in links:
+            await link.close(forget=True)
+        await gateway.stop(forget=True)
+
+
 @message_type("se.result.acktest_ran", 1)
 class Ran(msgspec.Struct, frozen=True):
     n: int
@@ -157,20 +168,8 @@ class Ran(msgspec.Struct, frozen=True):
 async def test_an_unroutable_message_in_a_batch_is_parked_and_the_rest_delivered(
     mqtt_url: str, unique: str
 ) -> None:
-    root, group = f"jpki-test-{unique}/dev", f"gw-{unique}"
-    bus = SlowConfirms()
-    await bus.connect()
-    await bus.declare_queue("orchestrator", ["app.event.#"])  # nothing takes se.result.*
-    got: list[Message] = []
-    await Bus(bus).subscribe("orchestrator", lambda message: _append(got, message))
-    gateway = Gateway(bus, mqtt_url, name=f"g-{unique}", topic_root=root, share_group=group,
-                      backoff=FAST)
-    await gateway.start()
-    phones = [MqttPhoneLink(mqtt_url, f"mixed-{unique}-{p}", topic_root=root, backoff=FAST)
-              for p in range(6)]
-    try:
-        for phone in phones:
-            await phone.start(lambda message: asyncio.sleep(0))
+    # the orchestrator queue takes app.event.# only: nothing takes se.result.*
+    async with _gateway_and_phones(mqtt_url, unique, "mixed", 6) as (bus, gateway, phones, got):
         await asyncio.gather(*(
             phone.send(build(Ran(p) if p % 2 else Tapped(p), device_id=phone.device_id))
             for p, phone in enumerate(phones)
@@ -178,10 +177,6 @@ async def test_an_unroutable_message_in_a_batch_is_parked_and_the_rest_delivered
         async with asyncio.timeout(15):
             while len(got) < 3 or gateway.stats.parked < 3:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
-    finally:
-        for phone in phones:
-            await phone.close(forget=True)
-        await gateway.stop(forget=True)
     assert sorted(m.body.n for m in got) == [0, 2, 4]
     parked = await bus.parked(gateway.up_queue)
     assert sorted(p.reason.split(":")[0] for p in parked) == ["Unroutable"] * 3
