@@ -14,6 +14,8 @@ import pytest
 import structlog
 from hypothesis import HealthCheck, settings
 
+from tests.services import unavailable
+
 AMQP_URL = os.environ.get("JPKI_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 MQTT_URL = os.environ.get("JPKI_TEST_MQTT_URL", "mqtt://127.0.0.1:1883")
 # Property tests judge behaviour, not speed: on a loaded 2-core machine input generation and
@@ -40,9 +42,7 @@ def _need(name: str, url: str, default_port: int) -> str:
     if _reachable(url, default_port):
         return url
     reason = f"*** {name} is not reachable at {url}: test SKIPPED (start the service) ***"
-    if os.environ.get("JPKI_REQUIRE_SERVICES") == "1":
-        pytest.fail(reason.replace("SKIPPED", "FAILED because JPKI_REQUIRE_SERVICES=1"))
-    pytest.skip(reason)
+    unavailable(reason)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-import os
 import re
 import secrets
 import shutil
@@ -31,6 +30,7 @@ from infra.transport.base import Delivery
 from infra.transport.cli import ops
 from infra.transport.inprocess import InProcessTransport
 from protocol.envelope import Message, build, decode, message_type
+from tests.services import unavailable
 from workers.gateway.service import Gateway
 
 pytestmark = pytest.mark.mqtt
@@ -55,9 +55,7 @@ def _tool(name: str) -> str:
     if found:
         return found
     reason = f"*** {name} is not installed: test SKIPPED (apt-get install mosquitto) ***"
-    if os.environ.get("JPKI_REQUIRE_SERVICES") == "1":
-        pytest.fail(reason.replace("SKIPPED", "FAILED because JPKI_REQUIRE_SERVICES=1"))
-    pytest.skip(reason)
+    unavailable(reason)
 
 
 def _free_port() -> int:

@@ -28,6 +28,7 @@ from infra.bus import declare_topology, deployment_topology
 from infra.transport.base import TopologyMismatch
 from infra.transport.definitions import broker_users
 from infra.transport.rabbitmq import RabbitMQTransport
+from tests.services import unavailable
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -76,9 +77,7 @@ class Node:
 def node(tmp_path: Path) -> Iterator[Node]:
     if not SERVER.exists():
         reason = f"*** {SERVER} is not installed: test SKIPPED (install rabbitmq-server) ***"
-        if os.environ.get("JPKI_REQUIRE_SERVICES") == "1":
-            pytest.fail(reason.replace("SKIPPED", "FAILED because JPKI_REQUIRE_SERVICES=1"))
-        pytest.skip(reason)
+        unavailable(reason)
     amqp, dist, management, prom = _free_ports(4)
     definitions = tmp_path / "definitions.d"
     definitions.mkdir()

@@ -26,6 +26,7 @@ from infra.transport.definitions import (
     topology_definitions,
 )
 from infra.transport.rabbitmq import RabbitMQTransport
+from tests.services import unavailable
 
 DEFINITIONS = Path(__file__).resolve().parents[2] / "deploy" / "rabbitmq" / "definitions.json"
 MANAGEMENT_URL = os.environ.get("JPKI_TEST_RABBITMQ_MANAGEMENT_URL", "http://127.0.0.1:15672")
@@ -69,9 +70,7 @@ def management_url(amqp_url: str) -> str:
     except OSError:
         reason = (f"*** RabbitMQ management API not reachable at {MANAGEMENT_URL}: test SKIPPED "
                   "(rabbitmq-plugins enable rabbitmq_management) ***")
-        if os.environ.get("JPKI_REQUIRE_SERVICES") == "1":
-            pytest.fail(reason.replace("SKIPPED", "FAILED because JPKI_REQUIRE_SERVICES=1"))
-        pytest.skip(reason)
+        unavailable(reason)
 
 
 def _login(amqp_url: str) -> str:

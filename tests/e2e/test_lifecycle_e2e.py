@@ -24,6 +24,7 @@ import pytest_asyncio
 from tests.e2e.conftest import MANAGEMENT_URL
 from tests.e2e.lifecycle_stories import STORIES
 from tests.e2e.lifecycle_world import World, drop_schemas, lifecycle_world, real_services
+from tests.services import unavailable
 
 pytestmark = [pytest.mark.e2e, pytest.mark.rabbitmq, pytest.mark.mqtt, pytest.mark.postgres,
               pytest.mark.asyncio(loop_scope="module")]
@@ -35,10 +36,6 @@ def _url(env: str, default: str) -> str:
     return os.environ.get(env, default)
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("JPKI_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"*** {reason}: FAILED because JPKI_REQUIRE_SERVICES=1 ***")
-    pytest.skip(f"*** {reason}: test SKIPPED (start the service) ***")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -61,7 +58,8 @@ async def shared_world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
                                 json=permissions) as answer:
                 answer.raise_for_status()
         except aiohttp.ClientError as exc:
-            _unavailable(f"RabbitMQ management API unusable at {MANAGEMENT_URL}: {exc}")
+            unavailable(f"*** RabbitMQ management API unusable at {MANAGEMENT_URL}: {exc}:"
+                        " test SKIPPED (start the service) ***")
         vhost_url = urlunsplit((parts.scheme, parts.netloc, "/" + quote(vhost, safe=""), "", ""))
         services = real_services(vhost_url, mqtt_url, pg_url, unique)
         data_dir = tmp_path_factory.mktemp("lifecycle-e2e")

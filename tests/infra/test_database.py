@@ -69,7 +69,9 @@ async def test_a_loop_of_sqlite_transactions_lets_other_tasks_run(sqlite_db: Dat
     assert ticks >= 50  # the ticker ran between the transactions (without the yield: 0)
 
 
-async def test_sqlite_data_is_in_the_file_for_other_processes(sqlite_db: Database, tmp_path) -> None:
+async def test_sqlite_data_is_in_the_file_for_other_processes(
+    sqlite_db: Database, tmp_path
+) -> None:
     async with sqlite_db.transaction() as conn:
         await conn.exec_driver_sql("INSERT INTO t VALUES (7, 'visible')")
     other = sqlite3.connect(tmp_path / "store_test.db")

@@ -19,6 +19,7 @@ import pytest
 
 from infra.transport.base import Delivery, Outgoing, TransportError
 from infra.transport.rabbitmq import RabbitMQTransport
+from tests.services import unavailable
 
 pytestmark = [pytest.mark.chaos, pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -31,9 +32,7 @@ def _rabbitmqctl_or_skip() -> list[str]:
     command = shutil.which("rabbitmqctl")
     if command is None:
         reason = "*** rabbitmqctl not found: chaos test SKIPPED ***"
-        if os.environ.get("JPKI_REQUIRE_SERVICES") == "1":
-            pytest.fail(reason.replace("SKIPPED", "FAILED because JPKI_REQUIRE_SERVICES=1"))
-        pytest.skip(reason)
+        unavailable(reason)
     node = os.environ.get("JPKI_CHAOS_RABBITMQ_NODE")
     return [command, *(["-n", node] if node else [])]
 

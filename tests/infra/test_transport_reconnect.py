@@ -18,11 +18,12 @@ from structlog.testing import capture_logs
 
 from infra.transport.base import Delivery, Outgoing, TransportError
 from infra.transport.rabbitmq import RabbitMQTransport
+from tests.e2e.conftest import MANAGEMENT_URL
 from tests.infra.test_transport import Recorder, ack, depth, eventually, out
+from tests.services import unavailable
 
 pytestmark = pytest.mark.rabbitmq
 
-MANAGEMENT_URL = "http://127.0.0.1:15672"
 
 
 def _authorization(amqp_url: str) -> dict[str, str]:
@@ -60,7 +61,8 @@ async def transport(amqp_url: str, unique: str) -> AsyncIterator[RabbitMQTranspo
             async with http.get(f"{MANAGEMENT_URL}/api/overview") as answer:
                 answer.raise_for_status()
     except aiohttp.ClientError:
-        pytest.skip("*** RabbitMQ management API not reachable: test SKIPPED ***")
+        unavailable(f"*** RabbitMQ management API not reachable at {MANAGEMENT_URL}: test"
+                    " SKIPPED (rabbitmq-plugins enable rabbitmq_management) ***")
     made = RabbitMQTransport(
         amqp_url,
         exchange=f"jpki.test.{unique}",
