@@ -294,10 +294,8 @@ class TsmEngine:
                 tape=bytearray(state.tape),
                 results=[*state.results, result],
             )
-            lock = self._locks.get(command.se.cin)
-            if lock is None or not lock.locked():
-                if lock is None:
-                    lock = self._locks[command.se.cin] = asyncio.Lock()
+            lock = self._lock(command.se.cin)
+            if not lock.locked():
                 async with lock:  # free: taken without suspending
                     return await self._run_locked(command, replay, unit)
         return await self._run(command, replay, registry)
@@ -305,10 +303,8 @@ class TsmEngine:
     async def _run(
         self, command: m.TsmCommand, replay: _Replay | None, registry: Registry | None = None
     ) -> Step:
-        lock = self._locks.get(command.se.cin)
-        if lock is None:
-            lock = self._locks[command.se.cin] = asyncio.Lock()
-        async with lock:  # one SE, one session at a time: they share its counter
+        # one SE, one session at a time: they share its counter
+        async with self._lock(command.se.cin):
             if replay is None:
                 # Over a live link: every write commits on its own, before the script leaves.
                 return await self._run_locked(command, None, self.registry)
@@ -319,6 +315,13 @@ class TsmEngine:
             # the redelivered command starts afresh, as after a crash between the calls).
             async with (registry or self.registry).unit() as unit:
                 return await self._run_locked(command, replay, unit)
+
+    def _lock(self, cin: str) -> asyncio.Lock:
+        """The SE's lock (kept only while someone holds a reference to it)."""
+        lock = self._locks.get(cin)
+        if lock is None:
+            lock = self._locks[cin] = asyncio.Lock()
+        return lock
 
     async def _run_locked(
         self, command: m.TsmCommand, replay: _Replay | None, registry: Registry
