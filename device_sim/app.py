@@ -509,7 +509,7 @@ def _deleted_an_applet(script: tsm.SeScript, outcome: ScriptOutcome) -> bool:
     )
 
 
-# Enough to answer a redelivered script of the saga in progress (one saga runs ~6 scripts).
+# Enough to answer a redelivered script of the saga in progress (a saga runs four or five).
 SCRIPT_RESULTS_KEPT = 16
 PIN_RULE_OF = {om.CertificateKind.AUTH: jp.AUTH_PIN_RULE, om.CertificateKind.SIGN: jp.SIGN_PIN_RULE}
 PIN_EF_OF = {om.CertificateKind.AUTH: jp.EF.AUTH_PIN, om.CertificateKind.SIGN: jp.EF.SIGN_PIN}

@@ -734,10 +734,16 @@ def expected(result: PhoneResult) -> bool:
 
 
 def applet_deleted_first(scripts: Sequence[str]) -> bool:
-    """Phase 2's rule for a keyed applet: it was deleted before the new one was installed."""
+    """Phase 2's rule for a keyed applet: it was deleted before the new one was installed,
+    by an earlier script or earlier in the ``prepare`` script (DELETE, then INSTALL)."""
     deleted = [i for i, op in enumerate(scripts) if op.endswith(DELETED_MARK)]
-    installs = [i for i, op in enumerate(scripts) if op.startswith("install")]
-    return bool(deleted and installs and deleted[0] < installs[0])
+    installs = [i for i, op in enumerate(scripts) if op.startswith(("install", "prepare"))]
+    if not (deleted and installs):
+        return False
+    first_delete, first_install = deleted[0], installs[0]
+    return first_delete < first_install or (
+        first_delete == first_install and scripts[first_install].startswith("prepare")
+    )
 
 
 def format_results(results: Sequence[PhoneResult], summary: Summary) -> str:

@@ -133,10 +133,9 @@ class IssuanceData(msgspec.Struct, kw_only=True):
     certificates: list[CertificateKind]
     pin_option: PinOption = DEFAULT_PIN_OPTION
     refusal: Reason | None = None  # set by a step that refuses, for the ending
-    # step 2
+    # steps 2–4 (one script): what the SE held before
     applet_present: bool = False
     applet_holds_keys: bool = False
-    # step 3
     cleaned_owner: str | None = None  # owner reference of the keys deleted with the applet
     # step 5
     nonce: bytes | None = None
@@ -220,41 +219,24 @@ def s01_eligibility(data: IssuanceData) -> None:
 # Phase 2: applet preparation
 
 
-@issuance.command(reply=tsm.InspectSeReply, timeout=SE_TIMEOUT, retry=SE_RETRY)
-def s02_inspect_se(data: IssuanceData, ctx: StepContext) -> tsm.InspectSe:
-    """2. GET STATUS: is there a JPKI applet, does it hold keys, whose?"""
-    return tsm.InspectSe(command_id=_key(ctx), device_id=data.device_id, se=_se(data))
+@issuance.command(reply=tsm.PrepareSeReply, timeout=SE_TIMEOUT, retry=SE_RETRY)
+def s02_prepare_se(data: IssuanceData, ctx: StepContext) -> tsm.PrepareSe:
+    """2–4, one SCP03 script (FLOWS.md "throughput shape"). 2: GET STATUS — is there a JPKI
+    applet, does it hold keys, whose? 3: never reuse an applet: the user's own keys
+    (factory reset, app reinstalled) or someone else's (second-hand phone) go with it (seed
+    §2.(2) supplement). 4: install the JPKI applet and make it selectable: phase 2 done."""
+    return tsm.PrepareSe(command_id=_key(ctx), device_id=data.device_id, se=_se(data))
 
 
-@s02_inspect_se.done
-def _(data: IssuanceData, reply: tsm.InspectSeReply) -> None:
-    data.applet_present = reply.applet_present
-    data.applet_holds_keys = reply.holds_keys
-
-
-@issuance.command(
-    reply=tsm.CleanUpSeReply, timeout=SE_TIMEOUT, retry=SE_RETRY,
-    when=lambda d: d.applet_present,
-)
-def s03_clean_up(data: IssuanceData, ctx: StepContext) -> tsm.CleanUpSe:
-    """3. Never reuse an applet: the user's own keys (factory reset, app reinstalled) or
-    someone else's (second-hand phone) go with it (seed §2.(2) supplement)."""
-    return tsm.CleanUpSe(command_id=_key(ctx), device_id=data.device_id, se=_se(data))
-
-
-@s03_clean_up.done
-def _(data: IssuanceData, reply: tsm.CleanUpSeReply) -> None:
+@s02_prepare_se.done
+def _(data: IssuanceData, reply: tsm.PrepareSeReply) -> None:
+    data.applet_present = reply.applet_was_present
+    data.applet_holds_keys = reply.held_keys
     if reply.held_keys:  # whose: decided after step 6, when the applicant is proven
         data.cleaned_owner = reply.owner_reference or ""
 
 
-@issuance.command(reply=tsm.InstallAppletReply, timeout=SE_TIMEOUT, retry=SE_RETRY)
-def s04_install(data: IssuanceData, ctx: StepContext) -> tsm.InstallApplet:
-    """4. Install the JPKI applet and make it selectable: phase 2 done."""
-    return tsm.InstallApplet(command_id=_key(ctx), device_id=data.device_id, se=_se(data))
-
-
-@s04_install.undo(timeout=SE_TIMEOUT)
+@s02_prepare_se.undo(timeout=SE_TIMEOUT)
 def _(data: IssuanceData, ctx: StepContext) -> tsm.WipeApplet:
     return tsm.WipeApplet(
         command_id=_key(ctx, undo=True), device_id=data.device_id, se=_se(data),

@@ -56,10 +56,7 @@ def _default_answers() -> dict[type, Answer]:
         )
 
     return {
-        tsm.InspectSe: lambda c: tsm.InspectSeReply(command_id=c.command_id),
-        tsm.CleanUpSe: lambda c: tsm.CleanUpSeReply(command_id=c.command_id, deleted=True),
-        tsm.InstallApplet: lambda c: tsm.InstallAppletReply(command_id=c.command_id,
-                                                            installed=True),
+        tsm.PrepareSe: lambda c: tsm.PrepareSeReply(command_id=c.command_id, installed=True),
         tsm.GenerateKeys: keys,
         tsm.StoreCertificates: lambda c: tsm.StoreCertificatesReply(
             command_id=c.command_id, stored=[x.kind for x in c.certificates]),
@@ -171,7 +168,7 @@ async def test_new_phone_reaches_phase_4(world: World) -> None:
     view = await run_saga(world, enrolment())
     assert view.status == "completed"
     assert world.kinds() == [
-        "InspectSe", "InstallApplet", "VerifyApplication", "StateCheckRequest", "GenerateKeys",
+        "PrepareSe", "VerifyApplication", "StateCheckRequest", "GenerateKeys",
         "IssueCertificates", "StoreCertificates", "ReleasePins",
     ]
     [result] = world.results()
@@ -210,14 +207,12 @@ async def test_unsupported_phone_is_refused_with_a_clear_reason(world, model, se
 
 
 async def test_second_hand_phone_applet_deleted_and_strangers_certificates_revoked(world) -> None:
-    world.answers[tsm.InspectSe] = lambda c: tsm.InspectSeReply(
-        command_id=c.command_id, applet_present=True, holds_keys=True, owner_reference="stranger")
-    world.answers[tsm.CleanUpSe] = lambda c: tsm.CleanUpSeReply(
-        command_id=c.command_id, deleted=True, held_keys=True, owner_reference="stranger")
+    world.answers[tsm.PrepareSe] = lambda c: tsm.PrepareSeReply(
+        command_id=c.command_id, applet_was_present=True, deleted=True, held_keys=True,
+        owner_reference="stranger", installed=True)
     view = await run_saga(world, enrolment())
     assert view.status == "completed"
     kinds = world.kinds()
-    assert kinds.index("CleanUpSe") < kinds.index("InstallApplet")
     revokes = [c for c in world.commands if isinstance(c, ca.Revoke)]
     assert [(r.cause.value, r.selection.se_cin) for r in revokes] == [("foreign_applet", SE.cin)]
     # only after the card proved who applies
@@ -225,10 +220,9 @@ async def test_second_hand_phone_applet_deleted_and_strangers_certificates_revok
 
 
 async def test_reinstalled_app_own_applet_deleted_and_old_certificates_revoked(world) -> None:
-    world.answers[tsm.InspectSe] = lambda c: tsm.InspectSeReply(
-        command_id=c.command_id, applet_present=True, holds_keys=True, owner_reference=PERSON)
-    world.answers[tsm.CleanUpSe] = lambda c: tsm.CleanUpSeReply(
-        command_id=c.command_id, deleted=True, held_keys=True, owner_reference=PERSON)
+    world.answers[tsm.PrepareSe] = lambda c: tsm.PrepareSeReply(
+        command_id=c.command_id, applet_was_present=True, deleted=True, held_keys=True,
+        owner_reference=PERSON, installed=True)
     world.answers[ca.StateCheckRequest] = lambda c: ca.StateCheckResult(
         command_id=c.command_id, branch=Branch.REISSUE_SAME_SE, revoke_now=["0A", "0B"])
     view = await run_saga(world, enrolment())
@@ -292,23 +286,23 @@ async def test_redelivered_enrolment_starts_one_saga(world) -> None:
     await world.transport.publish([outgoing(message)])
     view = await run_saga(world, e)  # publishes it again
     assert view.status == "completed"
-    assert world.kinds().count("InspectSe") == 1
+    assert world.kinds().count("PrepareSe") == 1
     assert len(world.results()) == 1
 
 
 async def test_transient_tsm_failure_is_retried_not_compensated(world) -> None:
     calls = {"n": 0}
 
-    def flaky_install(c: tsm.InstallApplet) -> tsm.InstallAppletReply:
+    def flaky_prepare(c: tsm.PrepareSe) -> tsm.PrepareSeReply:
         calls["n"] += 1
         if calls["n"] == 1:
-            return tsm.InstallAppletReply(
+            return tsm.PrepareSeReply(
                 command_id=c.command_id,
                 failure=tsm.Failure(code=tsm.ErrorCode.PHONE_UNREACHABLE))
-        return tsm.InstallAppletReply(command_id=c.command_id, installed=True)
+        return tsm.PrepareSeReply(command_id=c.command_id, installed=True)
 
-    world.answers[tsm.InstallApplet] = flaky_install
+    world.answers[tsm.PrepareSe] = flaky_prepare
     view = await run_saga(world, enrolment())
     assert view.status == "completed"
-    assert world.kinds().count("InstallApplet") == 2
+    assert world.kinds().count("PrepareSe") == 2
     assert "WipeApplet" not in world.kinds()

@@ -677,6 +677,28 @@ class TsmEngine:
             command_id=command.command_id, round_trips=round_trips[0], installed=True
         )
 
+    async def _prepare(
+        self, command: m.PrepareSe, record: SeRecord, round_trips: list[int]
+    ) -> m.PrepareSeReply:
+        before_answer, delete_answer, _, after_answer = await self._session(
+            record, s.plan_prepare(), round_trips
+        )
+        before, after = s.interpret_status(before_answer), s.interpret_status(after_answer)
+        record.pending_cleanup, record.sealed_temporary_pins = False, None
+        _apply_status(record, after)
+        if not after.present or after.life_cycle != 0x07 or after.holds_keys:
+            raise OperationFailed(m.ErrorCode.CARD_ERROR, "applet not clean and selectable "
+                                  "after INSTALL")
+        return m.PrepareSeReply(
+            command_id=command.command_id,
+            round_trips=round_trips[0],
+            applet_was_present=before.present,
+            deleted=delete_answer.sw == s.OK,
+            held_keys=before.holds_keys,
+            owner_reference=before.owner_reference,
+            installed=True,
+        )
+
     async def _generate_keys(
         self, command: m.GenerateKeys, record: SeRecord, round_trips: list[int]
     ) -> m.GenerateKeysReply:
@@ -831,6 +853,7 @@ _HANDLERS = {
     m.InspectSe: TsmEngine._inspect,
     m.CleanUpSe: TsmEngine._cleanup,
     m.InstallApplet: TsmEngine._install,
+    m.PrepareSe: TsmEngine._prepare,
     m.GenerateKeys: TsmEngine._generate_keys,
     m.StoreCertificates: TsmEngine._store_certificates,
     m.ReleasePins: TsmEngine._release,
@@ -842,6 +865,7 @@ _REPLY_TYPES: dict[type, type[m.TsmReply]] = {
     m.InspectSe: m.InspectSeReply,
     m.CleanUpSe: m.CleanUpSeReply,
     m.InstallApplet: m.InstallAppletReply,
+    m.PrepareSe: m.PrepareSeReply,
     m.GenerateKeys: m.GenerateKeysReply,
     m.StoreCertificates: m.StoreCertificatesReply,
     m.ReleasePins: m.ReleasePinsReply,

@@ -122,6 +122,25 @@ class InstallAppletReply(TsmReply, frozen=True, kw_only=True):
     installed: bool = False
 
 
+# -- prepare (phase 2 in one script): clean up whatever applet is there, then install ----------
+
+
+@message_type("tsm.cmd.prepare")
+class PrepareSe(TsmCommand, frozen=True, kw_only=True):
+    pass
+
+
+@message_type("tsm.reply.prepare")
+class PrepareSeReply(TsmReply, frozen=True, kw_only=True):
+    """What the SE held before (an applet, keys, whose) and that the new applet is in."""
+
+    applet_was_present: bool = False
+    deleted: bool = False
+    held_keys: bool = False
+    owner_reference: str | None = None  # whose keys went with the old applet
+    installed: bool = False
+
+
 # -- generate keys (step 8) -------------------------------------------------------------------
 
 
@@ -263,6 +282,7 @@ COMMAND_TYPES: dict[str, type[TsmCommand]] = {
     "inspect": InspectSe,
     "cleanup": CleanUpSe,
     "install": InstallApplet,
+    "prepare": PrepareSe,
     "generate_keys": GenerateKeys,
     "store_certificates": StoreCertificates,
     "release": ReleasePins,

@@ -175,6 +175,22 @@ def plan_install() -> OperationPlan:
     )
 
 
+def plan_prepare() -> OperationPlan:
+    """Phase 2 as one script (FLOWS.md "throughput shape": steps 2–4 are one SCP03 script):
+    what is there, DELETE it whatever it holds (an applet is never reused; '6A88' when there
+    is none), INSTALL, and the new applet's status."""
+    return OperationPlan(
+        "prepare",
+        SP_SD_AID,
+        (
+            Step("GET STATUS", get_status_command(JPKI_INSTANCE_AID), (OK, SW_NOT_FOUND)),
+            Step("DELETE", delete_command(JPKI_INSTANCE_AID), (OK, SW_NOT_FOUND)),
+            Step("INSTALL", install_command(JPKI_ELF_AID, JPKI_MODULE_AID, JPKI_INSTANCE_AID)),
+            Step("GET STATUS", get_status_command(JPKI_INSTANCE_AID)),
+        ),
+    )
+
+
 def plan_generate_keys(
     kinds: Sequence[CertificateKind], owner_reference: str, challenges: Sequence[bytes]
 ) -> OperationPlan:

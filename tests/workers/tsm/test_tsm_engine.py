@@ -283,6 +283,35 @@ async def test_cleanup_deletes_a_keyed_applet_and_says_whose(
     assert not record.holds_keys and record.owner_reference is None
 
 
+async def test_prepare_on_a_new_se_installs_in_one_round_trip(world: World) -> None:
+    phone = world.phone()
+    prepared = await world.run(phone.command(m.PrepareSe))
+    assert prepared.ok and prepared.installed and prepared.round_trips == 1
+    assert not (prepared.applet_was_present or prepared.deleted or prepared.held_keys)
+    assert world.link.round_trips == 1
+    inspected = await world.run(phone.command(m.InspectSe))
+    assert inspected.applet_present and inspected.life_cycle == 0x07
+    assert not inspected.holds_keys
+
+
+async def test_prepare_deletes_a_keyed_applet_says_whose_and_installs_a_clean_one(
+    world: World, ca_key: rsa.RSAPrivateKey
+) -> None:
+    phone = world.phone()
+    await personalise(world, phone, ca_key, PinOption.INITIAL_STATE, kinds=(AUTH,))
+    before = world.link.round_trips
+    prepared = await world.run(phone.command(m.PrepareSe))
+    assert prepared.ok and prepared.installed and prepared.round_trips == 1
+    assert prepared.applet_was_present and prepared.deleted and prepared.held_keys
+    assert prepared.owner_reference == "person-1"
+    assert world.link.round_trips == before + 1
+    applet = phone.element.manager.applications[jpki.AID].applet
+    assert applet.public_key(jpki.EF.AUTH_KEY) is None  # the keys went with the old applet
+    record = await world.registry.get(phone.identity.cin)
+    assert not record.holds_keys and record.owner_reference is None
+    assert record.sealed_temporary_pins is None
+
+
 async def test_install_refuses_to_reuse_a_keyed_applet(world: World) -> None:
     phone = world.phone(pooled=True)
     assert (await world.run(phone.command(m.InstallApplet))).ok
