@@ -69,6 +69,7 @@ from device_sim.se.jpki_applet import (
     Profile,
     default_data_dir,
 )
+from infra import eventloop
 from infra.bus import Bus
 from infra.heap import freeze_start_up_objects
 from infra.logging import configure_logging
@@ -1013,7 +1014,7 @@ def fleet_command(
     except FleetConfigError as exc:
         raise click.UsageError(str(exc)) from None
     data_dir.mkdir(parents=True, exist_ok=True)
-    fleet = asyncio.run(
+    fleet = eventloop.run(
         _fleet_main(
             phones=phones,
             data_dir=data_dir,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from infra import eventloop
 from infra.heap import freeze_start_up_objects
 from workers.ca.authority import CertificateAuthority
 from workers.ca.errors import CaKeyUnavailable
@@ -141,4 +142,4 @@ def serve_command(data_dir: Path, db_url: str | None, host: str, port: int) -> N
             await runner.cleanup()
             await ca.close()
 
-    asyncio.run(go())
+    eventloop.run(go())

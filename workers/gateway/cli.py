@@ -7,6 +7,7 @@ import signal
 
 import click
 
+from infra import eventloop
 from infra.logging import configure_logging
 from infra.metrics import start_metrics_server
 from infra.mqtt import TOPIC_ROOT
@@ -48,4 +49,4 @@ def gateway_command(
     configure_logging("gateway", level=log_level)
     if metrics_port is not None:
         start_metrics_server(metrics_port)
-    asyncio.run(_serve(amqp_url, mqtt_url, name, topic_root))
+    eventloop.run(_serve(amqp_url, mqtt_url, name, topic_root))
