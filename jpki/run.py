@@ -23,7 +23,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from device_sim.fleet import (
 )
 from device_sim.relying_party import HttpOcspClient, RelyingParty
 from device_sim.se.jpki_applet import GeneratedKeys, KeySource, PooledKeys
+from infra import eventloop
 from infra.bus import SERVICE_QUEUES, Bus, declare_topology
 from infra.db import Database
 from infra.heap import start_up_objects_frozen
@@ -62,6 +63,7 @@ from infra.transport.inprocess import InProcessTransport
 from infra.transport.phone_link import InProcessPhoneHub
 from jpki import audit as audit_mod
 from jpki.report import SagaMeasurements, measure_sagas
+from jpki.service_cpu import local_service_cpu_seconds
 from orchestrator.flows.issuance import FLOW_NAME
 from orchestrator.service import Orchestrator
 from workers.ca.authority import CertificateAuthority
@@ -88,7 +90,7 @@ def run_until_signal(main: Coroutine[Any, Any, Any]) -> Any:
         with contextlib.suppress(asyncio.CancelledError):
             return await task
 
-    return asyncio.run(guarded())
+    return eventloop.run(guarded())
 
 
 # ---------------------------------------------------------------------------------------
@@ -214,10 +216,18 @@ async def run_stack(
     on_ready: Callable[[int], None] | None = None,
     on_transport: Callable[[Transport], Coroutine[Any, Any, None]] | None = None,
     on_fleet: Callable[[Fleet], None] | None = None,
+    before_fleet: Callable[[], Awaitable[None]] | None = None,
+    check: bool = True,
 ) -> RunOutcome:
-    """Orchestrator, TSM and CA workers, the phone link and the fleet, in this process."""
+    """Orchestrator, TSM and CA workers, the phone link and the fleet, in this process.
+
+    ``before_fleet`` is awaited with every service up, just before the phones start (replicas
+    of a run start their fleets together). ``check=False`` leaves out measuring the sagas
+    and auditing the stores: a replica sharing its brokers and databases with others that
+    are still running leaves that to whoever started them all."""
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
+    embedded = services == EMBEDDED
     transport = await open_transport(services, "jpki-run")
     if on_transport is not None:
         await on_transport(transport)
@@ -289,11 +299,17 @@ async def run_stack(
             await gateway.start()
         if on_ready is not None:
             on_ready(len(fleet.phones))
+        if before_fleet is not None:
+            await before_fleet()
         with start_up_objects_frozen():
+            services_started = local_service_cpu_seconds() if not embedded else {}
             started, cpu_started = time.time(), time.process_time()
             await fleet.run(make_link, relying_party=relying_party if settings.login else None,
                             concurrency=settings.concurrency, on_result=on_result)
             wall, cpu = time.time() - started, time.process_time() - cpu_started
+            services_cpu = {name: seconds - services_started[name]
+                            for name, seconds in local_service_cpu_seconds().items()
+                            if name in services_started}
         await _settle(orchestrator, timeout_s=30.0)
     finally:
         await session.close()
@@ -307,10 +323,10 @@ async def run_stack(
         await orchestrator.stop()
         await transport.close()
     await asyncio.to_thread(fleet.save, data_dir)
-    measured = await measure_sagas(orchestrator_db, FLOW_NAME)
-    violations = await audit_mod.audit_stores(
-        orchestrator=orchestrator_db, ca=ca.database, tsm=tsm_db, phones=data_dir / "phones",
-    )
+    measured, violations = SagaMeasurements({}, [], {}, None, None), []
+    if check:
+        measured, violations = await measure_and_audit(orchestrator_db, ca.database, tsm_db,
+                                                       data_dir)
     await orchestrator_db.close()
     await tsm_db.close()
     await ca.close()
@@ -318,7 +334,20 @@ async def run_stack(
     # CPU of this whole process (every service and every phone) while the fleet ran: on a
     # shared machine the load decides the wall figures, this one much less
     outcome.summary["process_cpu_s"] = round(cpu, 2)
+    # the shared services this run used, where they run on this machine (empty embedded)
+    outcome.summary["service_cpu_s"] = {name: round(s, 2) for name, s in services_cpu.items()}
     return outcome
+
+
+async def measure_and_audit(
+    orchestrator: Database, ca: Database, tsm: Database, data_dir: Path,
+) -> tuple[SagaMeasurements, list[audit_mod.Violation]]:
+    """The run's saga latencies, and every invariant its stores break."""
+    measured = await measure_sagas(orchestrator, FLOW_NAME)
+    violations = await audit_mod.audit_stores(
+        orchestrator=orchestrator, ca=ca, tsm=tsm, phones=data_dir / "phones",
+    )
+    return measured, violations
 
 
 async def _settle(orchestrator: Orchestrator, timeout_s: float) -> None:

@@ -37,6 +37,7 @@ import click
 
 from infra.bus import GATEWAY_QUEUE
 from jpki.run import local_secret
+from jpki.service_cpu import local_service_cpu_seconds
 
 # (name, jpki sub-command, what shows it is ready: the queue it consumes, or "http")
 SERVICES: tuple[tuple[str, tuple[str, ...], str], ...] = (
@@ -254,32 +255,6 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 # The shared services a run loads, by the command names of their processes on this machine.
-LOCAL_SERVICES = {"rabbitmq": "beam.smp", "mosquitto": "mosquitto", "postgresql": "postgres"}
-
-
-def local_service_cpu_seconds(proc: Path = Path("/proc")) -> dict[str, float]:
-    """CPU seconds each shared service running on this machine has used so far: every
-    process of that name, with the children it has reaped (PostgreSQL's finished backends
-    live on in the postmaster's count). A service not running here is left out."""
-    names = {command: service for service, command in LOCAL_SERVICES.items()}
-    ticks: dict[str, int] = {}
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # gone meanwhile
-            continue
-        head, _, tail = stat.rpartition(")")
-        service = names.get(head.partition("(")[2])
-        if service is None:
-            continue
-        # after the ")": state is field 3; utime, stime, cutime, cstime are fields 14-17
-        fields = tail.split()
-        ticks[service] = ticks.get(service, 0) + sum(int(f) for f in fields[11:15])
-    return {service: n / os.sysconf("SC_CLK_TCK") for service, n in ticks.items()}
-
-
 def children_cpu_seconds() -> float:
     """CPU seconds of every child this process has waited for (``RUSAGE_CHILDREN``)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)

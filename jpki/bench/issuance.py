@@ -14,19 +14,25 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import multiprocessing
 import os
+import queue
 import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
 import click
 
 from device_sim.se.jpki_applet import default_data_dir
+from infra import eventloop
 from jpki.bench.saga import machine
-from jpki.run import RunSettings, Services, run_stack
+from jpki.report import Latency
+from jpki.run import RunOutcome, RunSettings, Services, measure_and_audit, run_stack
+from jpki.service_cpu import local_service_cpu_seconds
 
 
 async def _vhost(management_url: str, amqp_url: str, name: str, *, create: bool) -> str:
@@ -48,7 +54,7 @@ async def _vhost(management_url: str, amqp_url: str, name: str, *, create: bool)
 
 
 async def _bench(settings: RunSettings, services: Services | None, amqp_url: str,
-                 management_url: str) -> dict[str, object]:
+                 management_url: str, processes: int = 1) -> dict[str, object]:
     tag = uuid.uuid4().hex[:8]
     if services is None:
         outcome = await run_stack(settings, Services())
@@ -61,7 +67,10 @@ async def _bench(settings: RunSettings, services: Services | None, amqp_url: str
                             db_url=services.db_url, schema_suffix=f"_bench_{tag}",
                             topic_root=f"jpki-bench-{tag}/dev")
         try:
-            outcome = await run_stack(settings, services)
+            if processes == 1:
+                outcome = await run_stack(settings, services)
+            else:
+                outcome = await _replicas(settings, services, processes)
         finally:
             for service in ("orchestrator", "tsm", "ca"):
                 db = services.database(service, settings.data_dir)
@@ -71,6 +80,7 @@ async def _bench(settings: RunSettings, services: Services | None, amqp_url: str
     s = outcome.summary
     return {
         "backend": "embedded" if services is None else "rabbitmq+mosquitto+postgresql",
+        "processes": processes,
         "phones": settings.phones,
         "concurrency": settings.concurrency,
         "issued": outcome.saga_statuses.get("completed", 0),
@@ -80,12 +90,133 @@ async def _bench(settings: RunSettings, services: Services | None, amqp_url: str
         "certificates_per_s": round(s["certificates_issued"] / s["wall_s"], 2),
         "process_cpu_ms_per_issuance": round(
             1000 * s["process_cpu_s"] / max(1, outcome.saga_statuses.get("completed", 0)), 1),
+        **_services_cpu(s["service_cpu_s"], s["process_cpu_s"],
+                        outcome.saga_statuses.get("completed", 0)),
         "saga_latency_s": outcome.saga_latency,
         "step_latency_p50_s": {k: v["p50"] for k, v in outcome.step_latency.items()},
         "audit_findings": len(outcome.audit),
         "machine": machine(),
         "load_average": os.getloadavg(),
     }
+
+
+# ---------------------------------------------------------------------------------------
+# Replicas: the whole stack in each of several processes, sharing brokers and databases
+
+
+def _share(total: int, parts: int, index: int) -> int:
+    return total // parts + (1 if index < total % parts else 0)
+
+
+async def _replicas(settings: RunSettings, services: Services, processes: int) -> RunOutcome:
+    """Run the stack in ``processes`` processes at once, each with every service and its
+    share of the phones and of the concurrency, on the same virtual host, schemas and topic
+    root: the services' queues, outboxes and timers are shared the way replicas share
+    them in a deployment (competing consumers, ``SKIP LOCKED``). The replicas open the
+    stores one after another (the first creates the CA and the schemas), start their fleets
+    together, and this process measures the sagas and audits the stores once all are done."""
+    context = multiprocessing.get_context("spawn")  # no fork of a process running a loop
+    events = context.Queue()
+    go = context.Event()
+    children = []
+    try:
+        for index in range(processes):
+            replica = dataclasses.replace(
+                settings,
+                phones=_share(settings.phones, processes, index),
+                concurrency=max(1, _share(settings.concurrency or settings.phones, processes,
+                                          index)),
+                seed=settings.seed + index,
+                device_prefix=f"{settings.device_prefix}r{index}",
+            )
+            child = context.Process(target=_replica_main, args=(index, replica, services,
+                                                                events, go), daemon=True)
+            child.start()
+            children.append(child)
+            await _next_event(events, children, expect="ready")
+        services_started = local_service_cpu_seconds()
+        go.set()
+        summaries = [await _next_event(events, children, expect="done")
+                     for _ in range(processes)]
+        services_cpu = {name: seconds - services_started[name]
+                        for name, seconds in local_service_cpu_seconds().items()
+                        if name in services_started}
+    finally:
+        for child in children:
+            child.join(timeout=60)
+            if child.is_alive():
+                child.kill()
+    dbs = [services.database(name, settings.data_dir) for name in ("orchestrator", "ca", "tsm")]
+    try:
+        measured, violations = await measure_and_audit(*dbs, settings.data_dir)
+    finally:
+        for db in dbs:
+            await db.close()
+    saga = Latency.of(measured.saga_seconds)
+    return RunOutcome(
+        settings={"replicas": processes},
+        summary={
+            "wall_s": max(s["wall_s"] for s in summaries),
+            "certificates_issued": sum(s["certificates_issued"] for s in summaries),
+            "process_cpu_s": round(sum(s["process_cpu_s"] for s in summaries), 2),
+            "service_cpu_s": {name: round(s, 2) for name, s in services_cpu.items()},
+        },
+        step_latency={step: {k: round(v, 4) for k, v in dataclasses.asdict(Latency.of(v)).items()}
+                      for step, v in sorted(measured.step_seconds.items())},
+        saga_latency={k: round(v, 4) for k, v in dataclasses.asdict(saga).items()},
+        saga_statuses=measured.statuses,
+        audit=[v.to_json() for v in violations],
+    )
+
+
+async def _next_event(events: Any, children: list[Any], *, expect: str) -> Any:
+    """The next report from a replica; a replica that failed or died fails the run."""
+    while True:
+        try:
+            kind, index, payload = await asyncio.to_thread(events.get, timeout=1.0)
+        except queue.Empty:
+            dead = [c for c in children if not c.is_alive() and c.exitcode != 0]
+            if dead:
+                raise click.ClickException(
+                    f"a replica exited with status {dead[0].exitcode}") from None
+            continue
+        if kind == "failed":
+            raise click.ClickException(f"replica {index} failed: {payload}")
+        if kind != expect:
+            raise click.ClickException(f"replica {index} reported {kind!r}, not {expect!r}")
+        return payload
+
+
+def _replica_main(index: int, settings: RunSettings, services: Services, events: Any,
+                  go: Any) -> None:
+    """One replica (a spawned process): every service and its phones, until its fleet is
+    done; reports ``ready`` once its services run and ``done`` with its summary."""
+    from infra.logging import configure_logging
+
+    configure_logging("bench", level="WARNING", pretty=False)
+
+    async def wait_for_go() -> None:
+        events.put(("ready", index, None))
+        await asyncio.to_thread(go.wait)
+
+    try:
+        outcome = eventloop.run(run_stack(settings, services, before_fleet=wait_for_go,
+                                          check=False))
+    except BaseException as exc:
+        events.put(("failed", index, type(exc).__name__))
+        raise
+    events.put(("done", index, outcome.summary))
+
+
+def _services_cpu(services: dict[str, float], process_s: float,
+                  issued: int) -> dict[str, object]:
+    """The shared services' CPU while the fleet ran, per issuance, and the whole machine's
+    budget with this process: on two cores, 2000 / total ms is the ceiling of issuances/s."""
+    if not services:
+        return {}
+    per = {name: round(1000 * seconds / max(1, issued), 1) for name, seconds in services.items()}
+    total = 1000 * (process_s + sum(services.values())) / max(1, issued)
+    return {"service_cpu_ms_per_issuance": per, "total_cpu_ms_per_issuance": round(total, 1)}
 
 
 @click.command("issuance")
@@ -106,13 +237,19 @@ async def _bench(settings: RunSettings, services: Services | None, amqp_url: str
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="default: a temporary directory")
 @click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="real services only: the whole stack in this many processes at once, "
+                   "sharing the phones, the concurrency, the queues and the databases")
 def issuance_bench(
     phones: int, concurrency: int, backend: str, amqp_url: str, mqtt_url: str, db_url: str,
-    management_url: str, key_pool: int, data_dir: Path | None, seed: int,
+    management_url: str, key_pool: int, data_dir: Path | None, seed: int, processes: int,
 ) -> None:
     """New issuances (both certificates, new phones) per second and saga latency p50/p95."""
     from infra.logging import configure_logging
 
+    if processes > 1 and backend == "embedded":
+        raise click.UsageError("--processes needs --services real: the embedded default's "
+                               "broker lives inside its one process")
     configure_logging("bench", level="WARNING", pretty=False)
     with tempfile.TemporaryDirectory(prefix="jpki-bench-") as scratch:
         settings = RunSettings(
@@ -122,6 +259,6 @@ def issuance_bench(
         )
         services = None if backend == "embedded" else Services(mqtt_url=mqtt_url, db_url=db_url)
         started = time.time()
-        figures = asyncio.run(_bench(settings, services, amqp_url, management_url))
+        figures = eventloop.run(_bench(settings, services, amqp_url, management_url, processes))
         figures["total_s_including_manufacture"] = round(time.time() - started, 1)
     click.echo(json.dumps(figures, indent=2, default=str))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from jpki.up import local_service_cpu_seconds
+from jpki.service_cpu import local_service_cpu_seconds
 
 TICK = os.sysconf("SC_CLK_TCK")
 
