@@ -216,13 +216,14 @@ async def run_stack(
     on_ready: Callable[[int], None] | None = None,
     on_transport: Callable[[Transport], Coroutine[Any, Any, None]] | None = None,
     on_fleet: Callable[[Fleet], None] | None = None,
-    before_fleet: Callable[[], Awaitable[None]] | None = None,
+    with_services_up: Callable[[], Awaitable[None]] | None = None,
     check: bool = True,
 ) -> RunOutcome:
     """Orchestrator, TSM and CA workers, the phone link and the fleet, in this process.
 
-    ``before_fleet`` is awaited with every service up, just before the phones start (replicas
-    of a run start their fleets together). ``check=False`` leaves out measuring the sagas
+    ``with_services_up`` is awaited with every service up, before this process's phones
+    start: replicas of a run wait there for each other, and phones run by another process
+    run there. ``check=False`` leaves out measuring the sagas
     and auditing the stores: a replica sharing its brokers and databases with others that
     are still running leaves that to whoever started them all."""
     data_dir = settings.data_dir
@@ -299,8 +300,8 @@ async def run_stack(
             await gateway.start()
         if on_ready is not None:
             on_ready(len(fleet.phones))
-        if before_fleet is not None:
-            await before_fleet()
+        if with_services_up is not None:
+            await with_services_up()
         with start_up_objects_frozen():
             services_started = local_service_cpu_seconds() if not embedded else {}
             started, cpu_started = time.time(), time.process_time()

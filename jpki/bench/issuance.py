@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import queue
+import sys
 import tempfile
 import time
 import uuid
@@ -33,6 +34,7 @@ from jpki.bench.saga import machine
 from jpki.report import Latency
 from jpki.run import RunOutcome, RunSettings, Services, measure_and_audit, run_stack
 from jpki.service_cpu import local_service_cpu_seconds
+from jpki.up import create_database, drop_database
 
 
 async def _vhost(management_url: str, amqp_url: str, name: str, *, create: bool) -> str:
@@ -54,7 +56,8 @@ async def _vhost(management_url: str, amqp_url: str, name: str, *, create: bool)
 
 
 async def _bench(settings: RunSettings, services: Services | None, amqp_url: str,
-                 management_url: str, processes: int = 1) -> dict[str, object]:
+                 management_url: str, processes: int = 1,
+                 fleet_process: bool = False) -> dict[str, object]:
     tag = uuid.uuid4().hex[:8]
     if services is None:
         outcome = await run_stack(settings, Services())
@@ -63,24 +66,35 @@ async def _bench(settings: RunSettings, services: Services | None, amqp_url: str
         # the phones' MQTT client ids derive from their device ids: two runs at once on one
         # broker with the same ids would take each other's sessions over, again and again
         settings = dataclasses.replace(settings, device_prefix=f"bench{tag}")
+        server_url, database = services.db_url, None
+        db_url, schema_suffix = server_url, f"_bench_{tag}"
+        if fleet_process:  # a database of its own: `jpki fleet` finds the CA in schema "ca"
+            database = f"jpki_bench_{tag}"
+            db_url, schema_suffix = await create_database(server_url, database), ""
         services = Services(amqp_url=vhost_url, mqtt_url=services.mqtt_url,
-                            db_url=services.db_url, schema_suffix=f"_bench_{tag}",
+                            db_url=db_url, schema_suffix=schema_suffix,
                             topic_root=f"jpki-bench-{tag}/dev")
         try:
-            if processes == 1:
+            if fleet_process:
+                outcome = await _fleet_apart(settings, services)
+            elif processes == 1:
                 outcome = await run_stack(settings, services)
             else:
                 outcome = await _replicas(settings, services, processes)
         finally:
-            for service in ("orchestrator", "tsm", "ca"):
-                db = services.database(service, settings.data_dir)
-                await db.drop_schema()
-                await db.close()
+            if database is not None:
+                await drop_database(server_url, database)
+            else:
+                for service in ("orchestrator", "tsm", "ca"):
+                    db = services.database(service, settings.data_dir)
+                    await db.drop_schema()
+                    await db.close()
             await _vhost(management_url, amqp_url, f"jpki-bench-{tag}", create=False)
     s = outcome.summary
     return {
         "backend": "embedded" if services is None else "rabbitmq+mosquitto+postgresql",
         "processes": processes,
+        "fleet_process": fleet_process,
         "phones": settings.phones,
         "concurrency": settings.concurrency,
         "issued": outcome.saga_statuses.get("completed", 0),
@@ -90,7 +104,7 @@ async def _bench(settings: RunSettings, services: Services | None, amqp_url: str
         "certificates_per_s": round(s["certificates_issued"] / s["wall_s"], 2),
         "process_cpu_ms_per_issuance": round(
             1000 * s["process_cpu_s"] / max(1, outcome.saga_statuses.get("completed", 0)), 1),
-        **_services_cpu(s["service_cpu_s"], s["process_cpu_s"],
+        **_services_cpu(s["service_cpu_s"], s["process_cpu_s"], s.get("fleet_cpu_s"),
                         outcome.saga_statuses.get("completed", 0)),
         "saga_latency_s": outcome.saga_latency,
         "step_latency_p50_s": {k: v["p50"] for k, v in outcome.step_latency.items()},
@@ -98,6 +112,63 @@ async def _bench(settings: RunSettings, services: Services | None, amqp_url: str
         "machine": machine(),
         "load_average": os.getloadavg(),
     }
+
+
+# ---------------------------------------------------------------------------------------
+# The phones in a process of their own (`jpki fleet`), the services in this one
+
+
+async def _fleet_apart(settings: RunSettings, services: Services) -> RunOutcome:
+    """Every service in this process, the phones in a ``jpki fleet`` process of their own:
+    the load generator beside the system under test rather than inside it, as a load test
+    runs. The window is the fleet's run (its phones manufactured): this process's CPU and
+    the shared services' over it, the fleet's own from its report."""
+    report = settings.data_dir / "fleet-report.json"
+    window: dict[str, Any] = {}
+
+    async def run_fleet() -> None:
+        command = [
+            sys.executable, "-c", "from jpki.cli import main; main()", "fleet",
+            "--phones", str(settings.phones), "--data-dir", str(settings.data_dir),
+            "--mqtt-url", str(services.mqtt_url), "--db-url", str(services.db_url),
+            "--topic-root", services.topic_root, "--device-prefix", settings.device_prefix,
+            "--profile-mix", settings.profile_mix, "--certificate-mix", settings.certificate_mix,
+            "--pin-options", settings.pin_option_mix, "--typo-rate", "0",
+            "--concurrency", str(settings.concurrency or settings.phones),
+            "--key-pool", "--key-pool-size", str(settings.key_pool or 64),
+            "--seed", str(settings.seed), "--no-login", "--report", str(report),
+        ]
+        child = await asyncio.create_subprocess_exec(
+            *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        assert child.stdout is not None
+        lines: list[bytes] = []
+        while line := await child.stdout.readline():  # manufactured: the phones start now
+            lines.append(line)
+            if line.startswith(b"fleet: ") and line.rstrip().endswith(b"running"):
+                break
+        window["services"] = local_service_cpu_seconds()
+        window["cpu"] = time.process_time()
+        lines.append(await child.stdout.read())
+        await child.wait()
+        window["cpu"] = time.process_time() - window["cpu"]
+        window["services"] = {name: seconds - window["services"][name]
+                              for name, seconds in local_service_cpu_seconds().items()
+                              if name in window["services"]}
+        if child.returncode != 0 or not report.exists():
+            tail = b"".join(lines).decode(errors="replace")[-2000:]
+            raise click.ClickException(f"the fleet process failed ({child.returncode}): {tail}")
+
+    outcome = await run_stack(dataclasses.replace(settings, phones=0), services,
+                              with_services_up=run_fleet)
+    fleet = json.loads(report.read_text())["summary"]
+    outcome.summary = {
+        "wall_s": fleet["wall_s"],
+        "certificates_issued": fleet["certificates_issued"],
+        "process_cpu_s": round(window["cpu"], 2),
+        "fleet_cpu_s": fleet["process_cpu_s"],
+        "service_cpu_s": {name: round(s, 2) for name, s in window["services"].items()},
+    }
+    return outcome
 
 
 # ---------------------------------------------------------------------------------------
@@ -200,7 +271,7 @@ def _replica_main(index: int, settings: RunSettings, services: Services, events:
         await asyncio.to_thread(go.wait)
 
     try:
-        outcome = eventloop.run(run_stack(settings, services, before_fleet=wait_for_go,
+        outcome = eventloop.run(run_stack(settings, services, with_services_up=wait_for_go,
                                           check=False))
     except BaseException as exc:
         events.put(("failed", index, type(exc).__name__))
@@ -208,15 +279,20 @@ def _replica_main(index: int, settings: RunSettings, services: Services, events:
     events.put(("done", index, outcome.summary))
 
 
-def _services_cpu(services: dict[str, float], process_s: float,
+def _services_cpu(services: dict[str, float], process_s: float, fleet_s: float | None,
                   issued: int) -> dict[str, object]:
     """The shared services' CPU while the fleet ran, per issuance, and the whole machine's
-    budget with this process: on two cores, 2000 / total ms is the ceiling of issuances/s."""
+    budget with this process (and the fleet's, when the phones ran apart): on two cores,
+    2000 / total ms is the ceiling of issuances/s."""
     if not services:
         return {}
     per = {name: round(1000 * seconds / max(1, issued), 1) for name, seconds in services.items()}
-    total = 1000 * (process_s + sum(services.values())) / max(1, issued)
-    return {"service_cpu_ms_per_issuance": per, "total_cpu_ms_per_issuance": round(total, 1)}
+    total = 1000 * (process_s + (fleet_s or 0.0) + sum(services.values())) / max(1, issued)
+    figures: dict[str, object] = {"service_cpu_ms_per_issuance": per}
+    if fleet_s is not None:
+        figures["fleet_process_cpu_ms_per_issuance"] = round(1000 * fleet_s / max(1, issued), 1)
+    figures["total_cpu_ms_per_issuance"] = round(total, 1)
+    return figures
 
 
 @click.command("issuance")
@@ -240,16 +316,22 @@ def _services_cpu(services: dict[str, float], process_s: float,
 @click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True,
               help="real services only: the whole stack in this many processes at once, "
                    "sharing the phones, the concurrency, the queues and the databases")
+@click.option("--fleet-process", is_flag=True,
+              help="real services only: the phones in a `jpki fleet` process of their own, "
+                   "every service in this one")
 def issuance_bench(
     phones: int, concurrency: int, backend: str, amqp_url: str, mqtt_url: str, db_url: str,
     management_url: str, key_pool: int, data_dir: Path | None, seed: int, processes: int,
+    fleet_process: bool,
 ) -> None:
     """New issuances (both certificates, new phones) per second and saga latency p50/p95."""
     from infra.logging import configure_logging
 
-    if processes > 1 and backend == "embedded":
-        raise click.UsageError("--processes needs --services real: the embedded default's "
-                               "broker lives inside its one process")
+    if (processes > 1 or fleet_process) and backend == "embedded":
+        raise click.UsageError("--processes and --fleet-process need --services real: the "
+                               "embedded default's broker lives inside its one process")
+    if processes > 1 and fleet_process:
+        raise click.UsageError("--processes and --fleet-process are two layouts: choose one")
     configure_logging("bench", level="WARNING", pretty=False)
     with tempfile.TemporaryDirectory(prefix="jpki-bench-") as scratch:
         settings = RunSettings(
@@ -259,6 +341,7 @@ def issuance_bench(
         )
         services = None if backend == "embedded" else Services(mqtt_url=mqtt_url, db_url=db_url)
         started = time.time()
-        figures = eventloop.run(_bench(settings, services, amqp_url, management_url, processes))
+        figures = eventloop.run(_bench(settings, services, amqp_url, management_url, processes,
+                                       fleet_process))
         figures["total_s_including_manufacture"] = round(time.time() - started, 1)
     click.echo(json.dumps(figures, indent=2, default=str))
