@@ -129,3 +129,64 @@ async def test_fast_statements_join_the_transaction_and_raise_sqlalchemy_errors(
                                     [(5, "a secret body"), (5, "a secret body")])
     assert "secret" not in str(failure.value)  # parameters never in the error's text
     assert await _rows(sqlite_db) == []
+
+
+@pytest.fixture
+async def pg_db(pg_url: str, unique: str):
+    db = Database(pg_url, schema=f"fast_{unique}")
+    await db.ensure_schema()
+    async with db.transaction() as conn:
+        await conn.exec_driver_sql("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+    yield db
+    await db.drop_schema()
+    await db.close()
+
+
+@pytest.mark.postgres
+async def test_fast_statements_on_postgresql_run_inside_the_transaction(pg_db: Database) -> None:
+    # a raw statement first: it must not run before SQLAlchemy's BEGIN, i.e. autocommitted
+    with pytest.raises(RuntimeError):
+        async with pg_db.transaction() as conn:
+            assert await fast.execute(conn, "INSERT INTO t VALUES (?, ?)", (1, "raw")) == 1
+            await conn.exec_driver_sql("INSERT INTO t VALUES (2, 'engine')")
+            await fast.execute_many(conn, "INSERT INTO t VALUES (?, ?)", [(3, "x"), (4, "y")])
+            assert [tuple(r) for r in await fast.fetch(conn, "SELECT id, v FROM t ORDER BY id")
+                    ] == [(1, "raw"), (2, "engine"), (3, "x"), (4, "y")]
+            raise RuntimeError("roll all of it back")
+    assert await _rows(pg_db) == []
+    async with pg_db.transaction() as conn:
+        await fast.execute_many(conn, "INSERT INTO t VALUES (?, ?)", [(1, "a"), (2, "b")])
+        assert await fast.execute(conn, "UPDATE t SET v = ? WHERE id > ?", ("c", 0)) == 2
+    assert await _rows(pg_db) == [(1, "c"), (2, "c")]
+
+
+@pytest.mark.postgres
+async def test_fast_statements_on_postgresql_raise_sqlalchemy_errors(pg_db: Database) -> None:
+    with pytest.raises(IntegrityError) as failure:
+        async with pg_db.transaction() as conn:
+            await fast.execute_many(conn, "INSERT INTO t VALUES (?, ?)",
+                                    [(5, "a secret body"), (5, "a secret body")])
+    assert "secret" not in str(failure.value)  # parameters never in the error's text
+    assert await _rows(pg_db) == []
+
+
+@pytest.mark.postgres
+async def test_a_fast_statement_on_a_killed_connection_fails_as_a_disconnect(
+    pg_db: Database, pg_url: str
+) -> None:
+    admin = Database(pg_url)
+    try:
+        async with pg_db.transaction() as conn:  # the pool's one connection so far
+            backend = (await fast.fetch(conn, "SELECT pg_backend_pid()"))[0][0]
+        async with admin.transaction() as conn:
+            await conn.exec_driver_sql(f"SELECT pg_terminate_backend({int(backend)})")
+        with pytest.raises(DBAPIError) as failure:
+            async with pg_db.transaction() as conn:
+                await fast.execute(conn, "INSERT INTO t VALUES (?, ?)", (1, "lost"))
+        assert failure.value.connection_invalidated
+        # the dead connection left the pool: the next unit of work runs on a new one
+        async with pg_db.transaction() as conn:
+            await fast.execute(conn, "INSERT INTO t VALUES (?, ?)", (1, "kept"))
+        assert await _rows(pg_db) == [(1, "kept")]
+    finally:
+        await admin.close()

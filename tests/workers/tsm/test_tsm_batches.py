@@ -134,11 +134,17 @@ def _counting_statements(monkeypatch, db: Database) -> Counter[str]:
 
     monkeypatch.setattr(registry_module, "fetch", counting_fetch)
     monkeypatch.setattr(registry_module, "execute_many", counting_execute_many)
-    if db.is_postgres:
-        def on_execute(*_args: object) -> None:
-            counts["driver executions"] += 1
+    if db.is_postgres:  # counted by asyncpg, which the statements reach directly
+        def on_query(record: object) -> None:
+            if record.query.rstrip(";") not in ("BEGIN", "COMMIT", "ROLLBACK"):
+                counts["driver executions"] += 1
 
-        event.listen(db.engine.sync_engine, "before_cursor_execute", on_execute)
+        def on_checkout(dbapi_connection: object, *_args: object) -> None:
+            driver = dbapi_connection.driver_connection
+            driver.remove_query_logger(on_query)
+            driver.add_query_logger(on_query)
+
+        event.listen(db.engine.sync_engine, "checkout", on_checkout)
     return counts
 
 
