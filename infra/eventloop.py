@@ -4,8 +4,8 @@ uvloop (libuv under asyncio's interface) where it is installed: its socket trans
 callbacks and timers cost less CPU than the standard selector loop's, and a process here
 handles a few thousand socket reads and writes a second (AMQP frames, MQTT packets,
 PostgreSQL round trips). In alternated runs of ``jpki bench issuance --services real``
-it took the process's CPU per issuance from 24.7 to 23.5 ms (medians of three pairs); on the
-embedded default, which opens no sockets, it changes nothing measurable. Without uvloop
+it took the process's CPU per issuance from 25.1 to 23.4 ms (medians of three pairs); on
+the embedded default, which opens no sockets, it changes nothing measurable. Without uvloop
 (a platform it does not build on) the standard loop runs the same code.
 """
 
