@@ -31,8 +31,13 @@ from protocol.errors import JpkiError
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 # WAL lets readers (operators' tools) run beside the writer; NORMAL is durable across a
-# process crash in WAL mode (only an OS crash can lose the last transactions).
+# process crash in WAL mode (only an OS crash can lose the last transactions). 16 KiB pages
+# (a new file only: SQLite keeps an existing file's page size): a commit writes each page
+# it changed as a WAL frame of two writes, and the rows a batch touches (saga rows,
+# timeline, inbox, outbox) share fewer, larger pages. Embedded issuance bench, six
+# alternated pairs: WAL writes per issuance 160 → 54, 121.2 → 127.6 issuances/s (medians).
 _SQLITE_PRAGMAS = (
+    "PRAGMA page_size=16384",
     "PRAGMA journal_mode=WAL",
     "PRAGMA synchronous=NORMAL",
     "PRAGMA busy_timeout=10000",

@@ -69,6 +69,31 @@ async def test_a_loop_of_sqlite_transactions_lets_other_tasks_run(sqlite_db: Dat
     assert ticks >= 50  # the ticker ran between the transactions (without the yield: 0)
 
 
+async def test_a_new_sqlite_store_has_16_kib_pages_and_an_old_one_keeps_its_own(
+    tmp_path,
+) -> None:
+    old_path = tmp_path / "old_test.db"
+    made = sqlite3.connect(old_path)  # a file made before the pragma: 4 KiB pages, WAL
+    made.execute("PRAGMA journal_mode=WAL")
+    made.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+    made.close()
+    new = Database.for_service("new_test", data_dir=tmp_path)
+    old = Database.for_service("old_test", data_dir=tmp_path)
+    try:
+        for db in (new, old):
+            async with db.transaction() as conn:
+                await conn.exec_driver_sql("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY,"
+                                           " v TEXT NOT NULL)")
+                await conn.exec_driver_sql("INSERT INTO t VALUES (1, 'x')")
+        assert await _rows(old) == [(1, "x")] == await _rows(new)
+    finally:
+        await new.close()
+        await old.close()
+    page_size = {name: sqlite3.connect(tmp_path / f"{name}.db").execute(
+        "PRAGMA page_size").fetchone()[0] for name in ("new_test", "old_test")}
+    assert page_size == {"new_test": 16384, "old_test": 4096}
+
+
 async def test_sqlite_data_is_in_the_file_for_other_processes(
     sqlite_db: Database, tmp_path
 ) -> None:
