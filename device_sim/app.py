@@ -23,7 +23,6 @@ import enum
 import hashlib
 import hmac
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from orchestrator import messages as om
 from orchestrator.flows.pin_options import UserCode, strategy
 from protocol import jpki as jp
 from protocol.apdu import CommandAPDU, ResponseAPDU
-from protocol.envelope import Message, build
+from protocol.envelope import Message, build, time_ordered_id
 from protocol.errors import CardError, JpkiError, StatusWord
 from workers.tsm import messages as tsm
 
@@ -530,7 +529,7 @@ class AppCore:
         storage: AppStorage | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
-        new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        new_id: Callable[[], str] = time_ordered_id,
     ) -> None:
         self.device = device
         self.se = se

@@ -9,6 +9,7 @@ park a bad message with its reason instead of crashing.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -77,10 +78,20 @@ _envelope_decoder = msgspec.json.Decoder(Envelope)
 _body_decoders: dict[type, msgspec.json.Decoder[Any]] = {}
 
 
-def new_message_id() -> str:
-    """128 random bits as 32 hex digits, the form of ``uuid4().hex`` at a fifth of its cost
-    (no UUID object; ids are made for every message)."""
-    return os.urandom(16).hex()
+def time_ordered_id() -> str:
+    """32 hex digits in UUIDv7's layout (RFC 9562 §5.7): 48 bits of Unix time in
+    milliseconds, the version, 74 random bits. Ids made close in time sort close together,
+    so the indexes they key (inbox, outbox, sagas and their timeline) take a batch's new
+    rows on a few pages instead of a random page each, and a commit writes fewer pages.
+    Embedded issuance bench, ten alternated pairs against random ids: 131.5 → 134.8/s
+    (medians). No UUID object: ids are made for every message."""
+    value = time.time_ns() // 1_000_000 << 80 | int.from_bytes(os.urandom(10), "big")
+    value = value & ~(0xF << 76) | 0x7 << 76  # version 7
+    value = value & ~(0x3 << 62) | 0x2 << 62  # variant 10
+    return f"{value:032x}"
+
+
+new_message_id = time_ordered_id
 
 
 def build(
