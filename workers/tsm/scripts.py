@@ -139,23 +139,18 @@ def install_command(
     return CommandAPDU(0x80, 0xE6, 0x0C, 0x00, data, le=256)
 
 
+# Phase 2's steps on the SP-TSM domain: what is there ('6A88' when no applet is), and the
+# applet's DELETE (its keys go with it, GP §11.2; '6A88' when there is none).
+_APPLET_STATUS = Step("GET STATUS", get_status_command(JPKI_INSTANCE_AID), (OK, SW_NOT_FOUND))
+_DELETE_APPLET = Step("DELETE", delete_command(JPKI_INSTANCE_AID), (OK, SW_NOT_FOUND))
+
+
 def plan_inspect() -> OperationPlan:
-    return OperationPlan(
-        "inspect",
-        SP_SD_AID,
-        (Step("GET STATUS", get_status_command(JPKI_INSTANCE_AID), (OK, SW_NOT_FOUND)),),
-    )
+    return OperationPlan("inspect", SP_SD_AID, (_APPLET_STATUS,))
 
 
 def plan_cleanup() -> OperationPlan:
-    return OperationPlan(
-        "cleanup",
-        SP_SD_AID,
-        (
-            Step("GET STATUS", get_status_command(JPKI_INSTANCE_AID), (OK, SW_NOT_FOUND)),
-            Step("DELETE", delete_command(JPKI_INSTANCE_AID), (OK, SW_NOT_FOUND)),
-        ),
-    )
+    return OperationPlan("cleanup", SP_SD_AID, (_APPLET_STATUS, _DELETE_APPLET))
 
 
 def plan_install() -> OperationPlan:
@@ -183,8 +178,8 @@ def plan_prepare() -> OperationPlan:
         "prepare",
         SP_SD_AID,
         (
-            Step("GET STATUS", get_status_command(JPKI_INSTANCE_AID), (OK, SW_NOT_FOUND)),
-            Step("DELETE", delete_command(JPKI_INSTANCE_AID), (OK, SW_NOT_FOUND)),
+            _APPLET_STATUS,
+            _DELETE_APPLET,
             Step("INSTALL", install_command(JPKI_ELF_AID, JPKI_MODULE_AID, JPKI_INSTANCE_AID)),
             Step("GET STATUS", get_status_command(JPKI_INSTANCE_AID)),
         ),
@@ -266,12 +261,8 @@ def plan_reset_pin(pins: Sequence[TemporaryPinValue]) -> OperationPlan:
 
 
 def plan_wipe(delete_applet: bool) -> OperationPlan:
-    if delete_applet:  # deleting the applet deletes its keys with it (GP §11.2)
-        return OperationPlan(
-            "wipe",
-            SP_SD_AID,
-            (Step("DELETE", delete_command(JPKI_INSTANCE_AID), (OK, SW_NOT_FOUND)),),
-        )
+    if delete_applet:  # deleting the applet deletes its keys with it
+        return OperationPlan("wipe", SP_SD_AID, (_DELETE_APPLET,))
     return OperationPlan("wipe", JPKI_INSTANCE_AID, (Step("WIPE KEYS", jpki.wipe_keys()),))
 
 
