@@ -62,8 +62,8 @@ from infra.transport.base import Transport
 from infra.transport.inprocess import InProcessTransport
 from infra.transport.phone_link import InProcessPhoneHub
 from jpki import audit as audit_mod
-from jpki.report import SagaMeasurements, measure_sagas
-from jpki.service_cpu import local_service_cpu_seconds
+from jpki.report import Latency, SagaMeasurements, measure_sagas
+from jpki.service_cpu import local_service_cpu_seconds, local_service_cpu_since
 from orchestrator.flows.issuance import FLOW_NAME
 from orchestrator.service import Orchestrator
 from workers.ca.authority import CertificateAuthority
@@ -223,9 +223,9 @@ async def run_stack(
 
     ``with_services_up`` is awaited with every service up, before this process's phones
     start: replicas of a run wait there for each other, and phones run by another process
-    run there. ``check=False`` leaves out measuring the sagas
-    and auditing the stores: a replica sharing its brokers and databases with others that
-    are still running leaves that to whoever started them all."""
+    run there. ``check=False`` leaves out measuring the sagas and auditing the stores: a
+    replica sharing its brokers and databases with others that are still running leaves
+    that to whoever started them all."""
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
     embedded = services == EMBEDDED
@@ -308,9 +308,7 @@ async def run_stack(
             await fleet.run(make_link, relying_party=relying_party if settings.login else None,
                             concurrency=settings.concurrency, on_result=on_result)
             wall, cpu = time.time() - started, time.process_time() - cpu_started
-            services_cpu = {name: seconds - services_started[name]
-                            for name, seconds in local_service_cpu_seconds().items()
-                            if name in services_started}
+            services_cpu = local_service_cpu_since(services_started)
         await _settle(orchestrator, timeout_s=30.0)
     finally:
         await session.close()
@@ -365,22 +363,32 @@ def _outcome(
     settings: RunSettings, fleet: Fleet, measured: SagaMeasurements,
     violations: list[audit_mod.Violation], wall: float,
 ) -> RunOutcome:
-    from jpki.report import Latency
-
     summary = asdict(fleet.summary())
     summary["wall_s"] = round(wall, 3)
-    saga = Latency.of(measured.saga_seconds)
+    return outcome_of(
+        {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
+        summary, measured, violations, phones=[asdict(r) for r in fleet.results],
+    )
+
+
+def outcome_of(
+    settings: dict[str, Any], summary: dict[str, Any], measured: SagaMeasurements,
+    violations: list[audit_mod.Violation], phones: list[dict[str, Any]] | None = None,
+) -> RunOutcome:
+    """A run's outcome: its summary, its sagas' latencies and statuses, its audit."""
+
+    def rounded(values: list[float]) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in asdict(Latency.of(values)).items()}
+
     return RunOutcome(
-        settings={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()},
+        settings=settings,
         summary=summary,
-        step_latency={
-            step: {k: round(v, 4) for k, v in asdict(Latency.of(values)).items()}
-            for step, values in sorted(measured.step_seconds.items())
-        },
-        saga_latency={k: round(v, 4) for k, v in asdict(saga).items()},
+        step_latency={step: rounded(values)
+                      for step, values in sorted(measured.step_seconds.items())},
+        saga_latency=rounded(measured.saga_seconds),
         saga_statuses=measured.statuses,
         audit=[v.to_json() for v in violations],
-        phones=[asdict(r) for r in fleet.results],
+        phones=phones or [],
     )
 
 

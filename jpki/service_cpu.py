@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# The shared services a run loads, by the command names of their processes on this machine.
 LOCAL_SERVICES = {"rabbitmq": "beam.smp", "mosquitto": "mosquitto", "postgresql": "postgres"}
 
 
@@ -30,3 +31,10 @@ def local_service_cpu_seconds(proc: Path = Path("/proc")) -> dict[str, float]:
         fields = tail.split()
         ticks[service] = ticks.get(service, 0) + sum(int(f) for f in fields[11:15])
     return {service: n / os.sysconf("SC_CLK_TCK") for service, n in ticks.items()}
+
+
+def local_service_cpu_since(before: dict[str, float]) -> dict[str, float]:
+    """CPU seconds each service of ``before`` (a ``local_service_cpu_seconds()``) has used
+    since; a service that stopped meanwhile is left out."""
+    return {service: seconds - before[service]
+            for service, seconds in local_service_cpu_seconds().items() if service in before}

@@ -254,7 +254,6 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-# The shared services a run loads, by the command names of their processes on this machine.
 def children_cpu_seconds() -> float:
     """CPU seconds of every child this process has waited for (``RUSAGE_CHILDREN``)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -31,9 +31,15 @@ import click
 from device_sim.se.jpki_applet import default_data_dir
 from infra import eventloop
 from jpki.bench.saga import machine
-from jpki.report import Latency
-from jpki.run import RunOutcome, RunSettings, Services, measure_and_audit, run_stack
-from jpki.service_cpu import local_service_cpu_seconds
+from jpki.run import (
+    RunOutcome,
+    RunSettings,
+    Services,
+    measure_and_audit,
+    outcome_of,
+    run_stack,
+)
+from jpki.service_cpu import local_service_cpu_seconds, local_service_cpu_since
 from jpki.up import create_database, drop_database
 
 
@@ -151,9 +157,7 @@ async def _fleet_apart(settings: RunSettings, services: Services) -> RunOutcome:
         lines.append(await child.stdout.read())
         await child.wait()
         window["cpu"] = time.process_time() - window["cpu"]
-        window["services"] = {name: seconds - window["services"][name]
-                              for name, seconds in local_service_cpu_seconds().items()
-                              if name in window["services"]}
+        window["services"] = local_service_cpu_since(window["services"])
         if child.returncode != 0 or not report.exists():
             tail = b"".join(lines).decode(errors="replace")[-2000:]
             raise click.ClickException(f"the fleet process failed ({child.returncode}): {tail}")
@@ -209,9 +213,7 @@ async def _replicas(settings: RunSettings, services: Services, processes: int) -
         go.set()
         summaries = [await _next_event(events, children, expect="done")
                      for _ in range(processes)]
-        services_cpu = {name: seconds - services_started[name]
-                        for name, seconds in local_service_cpu_seconds().items()
-                        if name in services_started}
+        services_cpu = local_service_cpu_since(services_started)
     finally:
         for child in children:
             child.join(timeout=60)
@@ -223,20 +225,15 @@ async def _replicas(settings: RunSettings, services: Services, processes: int) -
     finally:
         for db in dbs:
             await db.close()
-    saga = Latency.of(measured.saga_seconds)
-    return RunOutcome(
-        settings={"replicas": processes},
-        summary={
+    return outcome_of(
+        {"replicas": processes},
+        {
             "wall_s": max(s["wall_s"] for s in summaries),
             "certificates_issued": sum(s["certificates_issued"] for s in summaries),
             "process_cpu_s": round(sum(s["process_cpu_s"] for s in summaries), 2),
             "service_cpu_s": {name: round(s, 2) for name, s in services_cpu.items()},
         },
-        step_latency={step: {k: round(v, 4) for k, v in dataclasses.asdict(Latency.of(v)).items()}
-                      for step, v in sorted(measured.step_seconds.items())},
-        saga_latency={k: round(v, 4) for k, v in dataclasses.asdict(saga).items()},
-        saga_statuses=measured.statuses,
-        audit=[v.to_json() for v in violations],
+        measured, violations,
     )
 
 
