@@ -742,14 +742,12 @@ def expected(result: PhoneResult, *, login: bool = True) -> bool:
 def applet_deleted_first(scripts: Sequence[str]) -> bool:
     """Phase 2's rule for a keyed applet: it was deleted before the new one was installed,
     by an earlier script or earlier in the ``prepare`` script (DELETE, then INSTALL)."""
-    deleted = [i for i, op in enumerate(scripts) if op.endswith(DELETED_MARK)]
-    installs = [i for i, op in enumerate(scripts) if op.startswith(("install", "prepare"))]
-    if not (deleted and installs):
-        return False
-    first_delete, first_install = deleted[0], installs[0]
-    return first_delete < first_install or (
-        first_delete == first_install and scripts[first_install].startswith("prepare")
-    )
+    deleted = False
+    for op in scripts:
+        if op.startswith(("install", "prepare")):  # the first installation decides
+            return deleted or (op.startswith("prepare") and op.endswith(DELETED_MARK))
+        deleted = deleted or op.endswith(DELETED_MARK)
+    return False
 
 
 def format_results(results: Sequence[PhoneResult], summary: Summary) -> str:

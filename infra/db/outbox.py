@@ -249,7 +249,7 @@ class OutboxRelay:
         )
 
     async def relay_once(self) -> int:
-        """Claim, publish and mark one batch of pending rows; returns how many it published
+        """Claim, publish and delete one batch of pending rows; returns how many it published
         (rows already in flight on the fast path are left to it, so a full batch of those
         ends the loop instead of spinning on them)."""
         await self._delete_sent()

@@ -139,7 +139,6 @@ class _Consumer(Subscription):
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-
     def release(self, delivery: _InProcessDelivery) -> bool:
         if delivery not in self.unsettled:
             return False
