@@ -58,8 +58,10 @@ def patterns(secret: str) -> list[tuple[str, re.Pattern[bytes]]]:
     raw = secret.encode()
     found: list[tuple[str, re.Pattern[bytes]]] = []
     if secret.isdigit():
+        # standing alone: not part of a longer token (a number, a hyphenated id, the year
+        # of a date such as a certificate's "2031-03-13T00:00:00Z")
         found.append(("ascii", re.compile(
-            rb"(?<![0-9A-Za-z.+/_-])" + re.escape(raw) + rb"(?![0-9A-Za-z])")))
+            rb"(?<![0-9A-Za-z.+/_-])" + re.escape(raw) + rb"(?![0-9A-Za-z-])")))
     else:
         found.append(("ascii", re.compile(re.escape(raw))))
     found.append(("hex", re.compile(re.escape(raw.hex().encode()), re.IGNORECASE)))

@@ -36,6 +36,12 @@ def test_digit_pins_inside_numbers_are_not_hits() -> None:
     assert scan([Captured("mqtt:t", payload)], SECRETS) == []
 
 
+def test_a_pin_equal_to_a_dates_year_is_not_a_hit_in_the_date() -> None:
+    payload = b'{"serial":"0A","not_after":"4821-03-13T00:00:00Z"}'
+    assert scan([Captured("amqp:ca.reply.issue", payload)], SECRETS) == []
+    assert scan([Captured("amqp:x", b'{"pin":"4821","at":"4821-03-13"}')], SECRETS)
+
+
 def test_digit_pins_inside_encoded_text_are_not_hits() -> None:
     payload = b'{"d":"z5LaLqRRN8oZ3DcB8xZ6+Q9uNL85/LzHgeB1dJ4g4821gVRiGXT1qHgfcCk7YScTn0Av"}'
     assert scan([Captured("mqtt:t", payload)], SECRETS) == []
