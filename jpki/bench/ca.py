@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -33,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from infra.db.outbox import outgoing
 from infra.transport.base import Delivery
 from infra.transport.inprocess import InProcessTransport
+from jpki.bench.machine import machine
 from protocol import jpki
 from protocol.envelope import build, decode
 from workers.ca import messages as m
@@ -314,7 +314,7 @@ def ca_bench(
 ) -> None:
     """Two-certificate issuances/s of the CA (SQLite) next to the raw RSA-2048 sign rate."""
     click.echo(
-        f"machine: {platform.machine()} python {platform.python_version()} cpus {os.cpu_count()}"
+        f"machine: {machine()}"
     )
     load_before = _load()
     with tempfile.TemporaryDirectory(prefix="jpki-bench-ca-") as tmp:

@@ -30,7 +30,7 @@ import click
 
 from device_sim.se.jpki_applet import default_data_dir
 from infra import eventloop
-from jpki.bench.saga import machine
+from jpki.bench.machine import calibration, machine
 from jpki.run import (
     RunOutcome,
     RunSettings,
@@ -337,8 +337,10 @@ def issuance_bench(
             key_pool_dir=default_data_dir() / "key-pool",  # kept across benchmark runs
         )
         services = None if backend == "embedded" else Services(mqtt_url=mqtt_url, db_url=db_url)
+        reference = calibration()  # before the run, on an idle process
         started = time.time()
         figures = eventloop.run(_bench(settings, services, amqp_url, management_url, processes,
                                        fleet_process))
         figures["total_s_including_manufacture"] = round(time.time() - started, 1)
+        figures["calibration"] = reference
     click.echo(json.dumps(figures, indent=2, default=str))

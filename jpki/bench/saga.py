@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import platform
 import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import aio_pika
 import click
@@ -31,26 +28,13 @@ from infra.db import Database, upgrade
 from infra.transport.base import Transport
 from infra.transport.inprocess import InProcessTransport
 from infra.transport.rabbitmq import RabbitMQTransport
+from jpki.bench.machine import machine
 from orchestrator.demo.flow import OrderData, demo_flow
 from orchestrator.demo.participant import DemoParticipant
 from orchestrator.saga.engine import SagaEngine
 
 DEFAULT_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
 DEFAULT_PG = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
-
-
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        model = platform.processor() or model
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{os.cpu_count()} cores, {model}, Python {platform.python_version()}, "
-            f"load average {load}")
 
 
 async def _run_sagas(

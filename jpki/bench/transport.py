@@ -15,8 +15,6 @@ Each RabbitMQ run uses its own exchanges and queue and deletes them afterwards.
 from __future__ import annotations
 
 import asyncio
-import os
-import platform
 import time
 import uuid
 
@@ -26,6 +24,7 @@ import msgspec
 from infra.bus import Bus
 from infra.transport.base import Delivery, Outgoing, Transport
 from infra.transport.inprocess import InProcessTransport
+from jpki.bench.machine import machine
 from protocol.envelope import Message, build, message_type
 
 BODY = b'{"apdu":"' + b"00A4040007A0000002480400" * 10 + b'"}'  # ~250 bytes, a script's size
@@ -163,8 +162,7 @@ async def bench_rabbitmq(amqp_url: str, count: int, batch: int) -> dict[str, Mea
 def transport_bench(backend: str, count: int, batch: int, amqp_url: str) -> None:
     """Messages per second on the in-process transport and on RabbitMQ with confirms."""
     click.echo(
-        f"machine: {platform.machine()} python {platform.python_version()} "
-        f"cpus {os.cpu_count()} load {os.getloadavg()[0]:.2f}; {count} messages "
+        f"machine: {machine()}; {count} messages "
         f"of {len(BODY)} bytes"
     )
     if backend in ("inprocess", "both"):

@@ -29,7 +29,6 @@ import asyncio
 import datetime
 import logging
 import multiprocessing
-import os
 import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +45,7 @@ from cryptography.x509.oid import NameOID
 
 from device_sim.se.element import ScriptCommand, SecureElement
 from device_sim.se.jpki_applet import JpkiAppletFactory, PooledKeys
+from jpki.bench.machine import machine
 from orchestrator.messages import CertificateKind, PinOption, SeIdentity
 from workers.tsm import messages as m
 from workers.tsm.engine import InProcessPhoneLink, TsmEngine
@@ -395,9 +395,7 @@ def tsm_bench(
     by_rate = sorted(rounds_run, key=lambda f: f.rate)
     local = by_rate[len(by_rate) // 2]
     click.echo(
-        f"machine: {platform.machine()} x{os.cpu_count()} CPUs, load average "
-        f"{os.getloadavg()[0]:.1f}, Python {platform.python_version()}, "
-        f"{platform.system()} {platform.release()}"
+        f"machine: {machine()}, {platform.system()} {platform.release()}"
     )
     click.echo("session = tsm.cmd.store_certificates for two certificates: SCP03 level 33, "
                "one script, 9 APDUs, one round trip")
