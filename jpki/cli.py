@@ -53,6 +53,7 @@ BENCHMARKS = {
     "saga": "jpki.bench.saga:saga_bench",
     "tsm": "jpki.bench.tsm:tsm_bench",
     "issuance": "jpki.bench.issuance:issuance_bench",
+    "ab": "jpki.bench.ab:ab_bench",
 }
 
 
