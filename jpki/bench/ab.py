@@ -91,13 +91,17 @@ def compare(runs: dict[str, list[dict[str, float]]]) -> dict[str, object]:
         won = sum((c > b) if higher_is_better else (c < b)
                   for b, c in zip(base, change, strict=True))
         summary[figure] = {
-            "base": {"median": statistics.median(base), "min": min(base), "max": max(base)},
-            "change": {"median": statistics.median(change), "min": min(change),
-                       "max": max(change)},
+            "base": _spread(base),
+            "change": _spread(change),
             "change_over_base": round(statistics.median(change) / statistics.median(base), 3),
             "pairs_change_won": f"{won}/{len(base)}",
         }
     return summary
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {"median": round(statistics.median(values), 3), "min": min(values),
+            "max": max(values)}
 
 
 @click.command("ab")
