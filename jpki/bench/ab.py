@@ -50,6 +50,15 @@ def _git(repo: Path, *args: str) -> str:
     return done.stdout.strip()
 
 
+def _remove_worktree(repo: Path, tree: Path) -> None:
+    """Warns rather than raises: an error here must not hide the one that ended the runs."""
+    done = subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        click.echo(f"warning: worktree {tree} not removed ({done.stderr.strip()}); "
+                   f"`git worktree prune` clears it once the directory is gone", err=True)
+
+
 def _interpreter_env(tree: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(tree)}
 
@@ -142,7 +151,7 @@ def ab_bench(base_rev: str, change_rev: str, pairs: int, phones: int, concurrenc
         finally:
             for revision in revisions:
                 if revision.tree.exists():
-                    _git(repo, "worktree", "remove", "--force", str(revision.tree))
+                    _remove_worktree(repo, revision.tree)
     click.echo(json.dumps({
         "base": {"rev": revisions[0].rev, "commit": revisions[0].commit},
         "change": {"rev": revisions[1].rev, "commit": revisions[1].commit},
