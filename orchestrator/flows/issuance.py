@@ -462,9 +462,7 @@ def _(data: IssuanceData, reply: ca.RevokeDone) -> None:
 
 
 _STEP_REASONS: dict[str, Reason] = {
-    "s02_inspect_se": Reason.SE_ERROR,
-    "s03_clean_up": Reason.SE_ERROR,
-    "s04_install": Reason.SE_ERROR,
+    "s02_prepare_se": Reason.SE_ERROR,
     "s05_card_signature": Reason.TIMEOUT,
     "s06_verify": Reason.BAD_CARD_SIGNATURE,
     "s08_generate_keys": Reason.SE_ERROR,

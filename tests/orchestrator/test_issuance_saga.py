@@ -20,6 +20,7 @@ from infra.db.outbox import outgoing
 from infra.transport.base import Delivery
 from infra.transport.inprocess import InProcessTransport
 from orchestrator import messages as om
+from orchestrator.flows import issuance as issuance_flow
 from orchestrator.flows.issuance import IssuanceData
 from orchestrator.saga.machine import TERMINAL
 from orchestrator.service import Orchestrator
@@ -270,6 +271,23 @@ async def test_store_failure_compensates_in_reverse_revoke_wipe_delete(world) ->
     [result] = world.results()
     assert (result.outcome, result.reason, result.phase) == (
         om.Outcome.FAILED, om.Reason.SE_ERROR, 1)
+
+
+async def test_prepare_failure_tells_the_phone_its_se_failed(world) -> None:
+    world.answers[tsm.PrepareSe] = lambda c: tsm.PrepareSeReply(
+        command_id=c.command_id, failure=tsm.Failure(code=tsm.ErrorCode.CARD_ERROR))
+    view = await run_saga(world, enrolment())
+    assert view.status == "compensated"
+    assert "VerifyApplication" not in world.kinds()
+    [result] = world.results()
+    assert (result.outcome, result.reason, result.phase) == (
+        om.Outcome.FAILED, om.Reason.SE_ERROR, 1)
+
+
+def test_every_step_named_for_a_reason_is_a_step_of_the_flow() -> None:
+    steps = {step.name for step in issuance_flow.issuance.steps}
+    assert set(issuance_flow._STEP_REASONS) <= steps
+    assert issuance_flow._REFUSING_STEPS <= steps
 
 
 async def test_user_cancel_at_card_signature_removes_the_applet(world) -> None:
