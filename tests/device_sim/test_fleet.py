@@ -22,6 +22,8 @@ from device_sim.fleet import (
     FleetConfigError,
     NetworkFaults,
     PhoneProfile,
+    PhoneResult,
+    expected,
     parse_mix,
     spread,
 )
@@ -322,3 +324,15 @@ async def test_disconnect_mid_saga_over_mqtt_keeps_the_persistent_session(mqtt_u
         pass
     assert link.disconnects == 1
     assert received == [f"saga-{n}" for n in range(8)]
+
+
+@pytest.mark.parametrize("certificates, login", [("both", "not_tried"), ("sign", "n/a")])
+def test_a_run_without_logins_expects_every_issued_phone_untried(certificates, login) -> None:
+    issued = PhoneResult(device_id="p", profile=PhoneProfile.NEW.value, model="m",
+                         certificates=certificates, pin_option=4,
+                         outcome=om.Outcome.ISSUED.value, phase=4, login=login)
+    assert expected(issued, login=False)
+    assert not expected(PhoneResult(device_id="p", profile=PhoneProfile.NEW.value, model="m",
+                                    certificates="both", pin_option=4,
+                                    outcome=om.Outcome.ISSUED.value, phase=4, login="failed"),
+                        login=False)
