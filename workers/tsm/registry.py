@@ -292,10 +292,12 @@ _INSERT_OPERATION = (
     " VALUES (?, ?, ?, 'running', ?, ?) ON CONFLICT (command_id) DO NOTHING"
 )
 # A unit writes an operation's last state, whichever calls (suspend, complete, finish) led
-# there: one statement, so one executemany for all of a batch's operations.
+# there: one statement, so one executemany for all of a batch's operations. "done" is final:
+# a unit that read the operation as running (a sweeper giving up on its script) must not
+# write over the reply another replica stored meanwhile.
 _UPDATE_OPERATION = (
     "UPDATE tsm_operations SET status = ?, reply = ?, script_id = ?, state = ?, updated_at = ?"
-    " WHERE command_id = ?"
+    " WHERE command_id = ? AND status = 'running'"
 )
 
 

@@ -321,3 +321,34 @@ class _Prefetched(SqlRegistry):
 
 async def test_a_prefetched_unit_sees_its_own_writes(tsm_db: Database) -> None:
     await _two_operations_on_one_se(_Prefetched(tsm_db))
+
+
+@pytest.mark.postgres
+async def test_a_finished_operation_stays_finished_when_a_stale_unit_gives_up_on_it(
+    pg_url: str, unique: str,
+) -> None:
+    """A replica's sweeper read the operation as waiting and gives up on its script, while
+    another replica ends it with the phone's late answer: the stored reply stays, so a
+    re-sent command is answered from it and not run again."""
+    db = Database.for_service("tsm", url=pg_url, schema=f"tsm_{unique}")
+    await db.ensure_schema()
+    try:
+        await upgrade(db, "tsm")
+        registry = SqlRegistry(db)
+        async with registry.unit() as unit:
+            await unit.begin("command", _record().cin, "prepare")
+            await unit.add(_record())
+            await unit.suspend(_record(), "command", "script", b"state")
+        async with registry.unit() as sweeper:
+            stale = await sweeper.waiting_for("script")
+            assert stale is not None and stale.status == "running"
+            async with registry.unit() as answer:  # another connection, committed first
+                await answer.complete(None, "command", b"the reply")
+            await sweeper.complete(None, "command", None)
+        async with registry.unit() as unit:
+            finished = await unit.operation("command")
+        assert finished is not None and (finished.status, finished.reply) == (
+            "done", b"the reply")
+    finally:
+        await db.drop_schema()
+        await db.close()
