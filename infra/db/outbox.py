@@ -230,10 +230,16 @@ class OutboxRelay:
             return
         ids, self._to_delete = self._to_delete, []
         self._last_delete = self._clock()
-        async with self._db.transaction() as conn:
-            for start in range(0, len(ids), 1000):
-                chunk = ids[start : start + 1000]
-                await conn.execute(delete(outbox).where(outbox.c.message_id.in_(chunk)))
+        try:
+            async with self._db.transaction() as conn:
+                for start in range(0, len(ids), 1000):
+                    chunk = ids[start : start + 1000]
+                    await conn.execute(delete(outbox).where(outbox.c.message_id.in_(chunk)))
+        except BaseException:
+            # Still published and still in flight: kept for the next try, or the rows would
+            # stay in the table, skipped as in flight, until a restart published them again.
+            self._to_delete[:0] = ids
+            raise
         self._in_flight.difference_update(ids)
 
     def _pending(self, now: float) -> Any:

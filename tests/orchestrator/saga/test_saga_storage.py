@@ -128,6 +128,50 @@ async def test_relay_publishes_rows_a_dead_process_left_and_skips_unroutable(sql
     assert row.retry_at > time.time() + 30  # kept, retried later
 
 
+class _DeleteFailsOnce:
+    """The relay's database, whose next transaction fails once ``fail_next`` is set."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self.fail_next = False
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - everything else is the database's
+        return getattr(self._db, name)
+
+    def transaction(self):  # noqa: ANN201
+        if self.fail_next:
+            self.fail_next = False
+            raise ConnectionError("database briefly unreachable")
+        return self._db.transaction()
+
+
+async def test_published_rows_are_deleted_after_a_failed_delete(sqlite_db):
+    transport = RecordingTransport()
+    await transport.connect()
+    await transport.declare_queue("notes", ["test.storage.#"])
+    flaky = _DeleteFailsOnce(sqlite_db)
+    # no polls after the first: only the fast path's delete touches the database
+    relay = OutboxRelay(flaky, transport, poll_interval=60, delete_interval=0.01,
+                        retry_delay=0.01)  # type: ignore[arg-type]
+    await relay.start()
+    try:
+        await asyncio.sleep(0.1)  # the first poll is over
+        rows = _rows(5)
+        async with sqlite_db.transaction() as conn:
+            await add_to_outbox(conn, rows)
+        flaky.fail_next = True  # the delete after the publish
+        relay.handoff(rows)
+        for _ in range(100):
+            if await _pending(sqlite_db) == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert await _pending(sqlite_db) == 0  # deleted by the retry, no restart needed
+    finally:
+        await relay.stop()
+    assert flaky.fail_next is False  # the failure did happen
+    assert sorted(transport.published) == [f"m{i:05d}" for i in range(5)]  # each once
+
+
 async def test_inbox_consumer_parks_garbage_and_applies_duplicates_once(sqlite_db):
     transport = InProcessTransport()
     await transport.connect()
