@@ -73,7 +73,7 @@ async def _asyncpg(conn: AsyncConnection) -> asyncpg.Connection:
     transaction, so the adapter is asked to begin first (``_start_transaction`` is what
     its own cursor calls; ``tests/infra/test_database.py`` holds it to this)."""
     adapter = conn.sync_connection.connection.dbapi_connection  # type: ignore[union-attr]
-    if adapter._transaction is None and not adapter.autocommit:
+    if adapter._transaction is None:  # under autocommit it returns at once
         await adapter._start_transaction()
     return adapter._connection
 
@@ -85,7 +85,7 @@ async def _as_sqlalchemy_errors_pg(conn: AsyncConnection, sql: str) -> AsyncIter
     dbapi = conn.dialect.loaded_dbapi
     try:
         yield
-    except (dbapi.Error, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+    except (dbapi.Error, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         error = exc
         adapter = conn.sync_connection.connection.dbapi_connection  # type: ignore[union-attr]
         if not isinstance(exc, dbapi.Error):
