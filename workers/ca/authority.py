@@ -81,6 +81,7 @@ from workers.ca.hot_sql import (
     certificate_row,
     record_application,
     time_columns,
+    utc,
 )
 from workers.ca.keystore import Passphrase, read_key, write_key
 from workers.ca.profiles import (
@@ -147,11 +148,6 @@ def _new_rsa_key() -> rsa.RSAPrivateKey:
 
 def serial_hex(serial: int) -> str:
     return f"{serial:040X}"
-
-
-def _aware(moment: datetime) -> datetime:
-    # SQLite hands back naive datetimes for DateTime(timezone=True); every time we store is UTC
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,9 +263,9 @@ class CertificateRecord:
             status=Status(row.status),
             reason=row.reason,
             cause=row.cause,
-            status_changed_at=_aware(row.status_changed_at) if row.status_changed_at else None,
-            not_before=_aware(row.not_before),
-            not_after=_aware(row.not_after),
+            status_changed_at=utc(row.status_changed_at) if row.status_changed_at else None,
+            not_before=utc(row.not_before),
+            not_after=utc(row.not_after),
             der=row.der,
         )
 
@@ -489,7 +485,7 @@ class CertificateAuthority:
         require_rsa_2048(auth_public_key)
         require_rsa_2048(sign_public_key)
         now = self._clock()
-        not_after = min(_fifth_birthday_after(person.facts.date_of_birth, now), _aware(card_expiry))
+        not_after = min(_fifth_birthday_after(person.facts.date_of_birth, now), utc(card_expiry))
         if not_after <= now:
             raise InvalidRequest("the card expires before its certificates could start")
         auth_issuer, sign_issuer = self.issuer(CaKind.AUTH), self.issuer(CaKind.SIGN)
@@ -1252,7 +1248,7 @@ class CertificateAuthority:
             entries = [
                 RevokedEntry(
                     serial=int(r.serial, 16),
-                    revoked_at=_aware(r.status_changed_at),
+                    revoked_at=utc(r.status_changed_at),
                     reason=x509.ReasonFlags[r.reason],
                 )
                 for r in (

@@ -111,6 +111,12 @@ def time_columns(dialect: Dialect) -> TimeColumns:
     return columns
 
 
+def utc(moment: datetime) -> datetime:
+    """A time the CA stored, as it was stored: SQLite hands back naive datetimes for
+    DateTime(timezone=True), and every time the CA stores is UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 def _time_columns(dialect: Dialect) -> TimeColumns:
     # every DateTime(timezone=True) column of the CA's tables has the same processors
     implementation = t.certificates.c.not_after.type.dialect_impl(dialect)
@@ -118,9 +124,7 @@ def _time_columns(dialect: Dialect) -> TimeColumns:
     result = implementation.result_processor(dialect, None)
 
     def read(value: Any) -> datetime:
-        moment = result(value) if result is not None else value
-        # SQLite gives naive datetimes back; every time the CA stores is UTC
-        return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+        return utc(result(value) if result is not None else value)
 
     # an issuance writes the same few times for both its certificates: format each once
     write = functools.lru_cache(maxsize=256)(bind) if bind is not None else _unchanged

@@ -24,7 +24,7 @@ from workers.ca.errors import (
     NonceReplayed,
     UnknownCardCertificate,
 )
-from workers.ca.hot_sql import INSERT_USED_NONCE, record_application, time_columns
+from workers.ca.hot_sql import INSERT_USED_NONCE, record_application, time_columns, utc
 from workers.ca.profiles import Holder
 from workers.ca.revocation import Cause
 
@@ -55,18 +55,13 @@ async def store(request, tmp_path, clock, keys) -> AsyncIterator[CertificateAuth
             await db.drop_schema()
 
 
-def _as_the_ca_reads(value: datetime) -> datetime:
-    """What the CA's Core reads make of a stored time (SQLite gives it back naive)."""
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
 @pytest.mark.parametrize("moment", MOMENTS)
 async def test_a_time_written_by_driver_sql_reads_back_through_core(store, moment) -> None:
     async with store.database.transaction() as conn:
         write = time_columns(conn.dialect).write
         await execute(conn, INSERT_USED_NONCE, ("ab" * 16, "saga-1", "d" * 64, write(moment)))
         (stored,) = (await conn.execute(select(t.used_nonces.c.used_at))).scalars().all()
-    assert _as_the_ca_reads(stored) == moment
+    assert utc(stored) == moment
     if conn.dialect.name == "postgresql":
         assert stored.tzinfo is not None
 
@@ -141,8 +136,8 @@ async def test_verification_and_issuance_rows_read_the_same_through_core(
         used = (await conn.execute(select(t.used_nonces))).one()
         application = (await conn.execute(select(t.applications))).one()
     assert (used.nonce, used.saga_id) == (nonce.hex(), "saga-1")
-    assert _as_the_ca_reads(used.used_at) == T0
-    assert _as_the_ca_reads(application.verified_at) == T0
+    assert utc(used.used_at) == T0
+    assert utc(application.verified_at) == T0
     assert application.card_serial == card.certs.sign.serial
 
     clock.advance(timedelta(seconds=1, microseconds=250))
@@ -168,7 +163,7 @@ async def test_verification_and_issuance_rows_read_the_same_through_core(
             .scalars()
             .all()
         )
-    assert [_as_the_ca_reads(value) for value in issued_at] == [clock.now, clock.now]
+    assert [utc(value) for value in issued_at] == [clock.now, clock.now]
 
 
 async def test_verification_reads_the_card_times_core_wrote(store, clock, keys) -> None:
