@@ -133,10 +133,9 @@ class IssuanceData(msgspec.Struct, kw_only=True):
     certificates: list[CertificateKind]
     pin_option: PinOption = DEFAULT_PIN_OPTION
     refusal: Reason | None = None  # set by a step that refuses, for the ending
-    # steps 2–4 (one script): what the SE held before
-    applet_present: bool = False
-    applet_holds_keys: bool = False
-    cleaned_owner: str | None = None  # owner reference of the keys deleted with the applet
+    # steps 2–4 (one script): the owner reference of keys deleted with the applet ("" for
+    # keys without one); None when the SE held no keys
+    cleaned_owner: str | None = None
     # step 5
     nonce: bytes | None = None
     requested_at: datetime | None = None
@@ -230,8 +229,6 @@ def s02_prepare_se(data: IssuanceData, ctx: StepContext) -> tsm.PrepareSe:
 
 @s02_prepare_se.done
 def _(data: IssuanceData, reply: tsm.PrepareSeReply) -> None:
-    data.applet_present = reply.applet_was_present
-    data.applet_holds_keys = reply.held_keys
     if reply.held_keys:  # whose: decided after step 6, when the applicant is proven
         data.cleaned_owner = reply.owner_reference or ""
 
