@@ -10,6 +10,23 @@ from pathlib import Path
 LOCAL_SERVICES = {"rabbitmq": "beam.smp", "mosquitto": "mosquitto", "postgresql": "postgres"}
 
 
+def _stat(text: str) -> tuple[str, list[int]]:
+    """A ``/proc/<pid>/stat`` line: the command name, and utime, stime, cutime and cstime in
+    clock ticks (fields 14-17; the name, in parentheses, may itself hold spaces)."""
+    head, _, tail = text.rpartition(")")
+    return head.partition("(")[2], [int(f) for f in tail.split()[11:15]]
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds a live process has used so far, or None where that cannot
+    be read."""
+    try:
+        _, (utime, stime, _, _) = _stat(Path(f"/proc/{pid}/stat").read_text())
+    except OSError:
+        return None
+    return (utime + stime) / os.sysconf("SC_CLK_TCK")
+
+
 def local_service_cpu_seconds(proc: Path = Path("/proc")) -> dict[str, float]:
     """CPU seconds each shared service running on this machine has used so far: every
     process of that name, with the children it has reaped (PostgreSQL's finished backends
@@ -20,16 +37,12 @@ def local_service_cpu_seconds(proc: Path = Path("/proc")) -> dict[str, float]:
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
+            command, times = _stat((entry / "stat").read_text())
         except OSError:  # gone meanwhile
             continue
-        head, _, tail = stat.rpartition(")")
-        service = names.get(head.partition("(")[2])
-        if service is None:
-            continue
-        # after the ")": state is field 3; utime, stime, cutime, cstime are fields 14-17
-        fields = tail.split()
-        ticks[service] = ticks.get(service, 0) + sum(int(f) for f in fields[11:15])
+        service = names.get(command)
+        if service is not None:
+            ticks[service] = ticks.get(service, 0) + sum(times)
     return {service: n / os.sysconf("SC_CLK_TCK") for service, n in ticks.items()}
 
 

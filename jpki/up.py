@@ -37,7 +37,7 @@ import click
 
 from infra.bus import GATEWAY_QUEUE
 from jpki.run import local_secret
-from jpki.service_cpu import local_service_cpu_seconds
+from jpki.service_cpu import local_service_cpu_seconds, process_cpu_seconds
 
 # (name, jpki sub-command, what shows it is ready: the queue it consumes, or "http")
 SERVICES: tuple[tuple[str, tuple[str, ...], str], ...] = (
@@ -242,18 +242,6 @@ async def _listening(host: str, port: int) -> bool:
     return True
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds a live process has used so far (Linux ``/proc``), or
-    None where that cannot be read."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # after the command name's ")": field 3 (state) first, utime is field 14, stime 15
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def children_cpu_seconds() -> float:
     """CPU seconds of every child this process has waited for (``RUSAGE_CHILDREN``)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -273,7 +261,7 @@ def cpu_summary(used: dict[str, float | None], phones: int, when: str = "") -> s
 
 def _window_cpu(children: Sequence[Child]) -> dict[str, float | None]:
     """CPU seconds so far of the run's services and of the shared services on this machine."""
-    return ({child.name: cpu_seconds(child.process.pid) for child in children}
+    return ({child.name: process_cpu_seconds(child.process.pid) for child in children}
             | local_service_cpu_seconds())
 
 
@@ -408,7 +396,7 @@ def _run(
                     fleet_process.wait()
     finally:
         # read before the stop: a process's /proc entry goes once it has been waited for
-        used = {child.name: cpu_seconds(child.process.pid) for child in children} | used
+        used = {child.name: process_cpu_seconds(child.process.pid) for child in children} | used
         codes = stop_services(children)
         click.echo("up: stopped " + ", ".join(f"{n} ({c})" for n, c in codes.items()))
         click.echo(cpu_summary(used, phones))

@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 
 from device_sim.fleet import PhoneProfile
-from jpki.up import cpu_seconds
+from jpki.service_cpu import process_cpu_seconds
 
 pytestmark = [pytest.mark.e2e, pytest.mark.rabbitmq, pytest.mark.mqtt, pytest.mark.postgres]
 
@@ -134,6 +134,6 @@ def test_cpu_seconds_of_a_process_is_what_it_used() -> None:
     spent = 0
     while time.process_time() < 0.3:  # this test process has used at least 0.3 s of CPU
         spent += 1
-    own = cpu_seconds(os.getpid())
+    own = process_cpu_seconds(os.getpid())
     assert own is not None and abs(own - time.process_time()) < 0.1
-    assert cpu_seconds(2**22 + 1) is None  # no such process
+    assert process_cpu_seconds(2**22 + 1) is None  # no such process
