@@ -136,7 +136,6 @@ async def _fleet_apart(settings: RunSettings, services: Services) -> RunOutcome:
         command = [
             sys.executable, "-c", "from jpki.cli import main; main()", "fleet",
             "--phones", str(settings.phones), "--data-dir", str(settings.data_dir),
-            "--mqtt-url", str(services.mqtt_url), "--db-url", str(services.db_url),
             "--topic-root", services.topic_root, "--device-prefix", settings.device_prefix,
             "--profile-mix", settings.profile_mix, "--certificate-mix", settings.certificate_mix,
             "--pin-options", settings.pin_option_mix, "--typo-rate", "0",
@@ -144,8 +143,11 @@ async def _fleet_apart(settings: RunSettings, services: Services) -> RunOutcome:
             "--key-pool", "--key-pool-size", str(settings.key_pool or 64),
             "--seed", str(settings.seed), "--no-login", "--report", str(report),
         ]
+        # the URLs may hold passwords: in the environment, not on the command line
         child = await asyncio.create_subprocess_exec(
-            *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, "JPKI_DB_URL": str(services.db_url),
+                 "JPKI_MQTT_URL": str(services.mqtt_url)})
         assert child.stdout is not None
         lines: list[bytes] = []
         while line := await child.stdout.readline():  # manufactured: the phones start now
