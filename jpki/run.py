@@ -300,9 +300,11 @@ async def run_stack(
             await gateway.start()
         if on_ready is not None:
             on_ready(len(fleet.phones))
-        if with_services_up is not None:
-            await with_services_up()
+        # frozen before with_services_up: with the phones in another process, the whole
+        # load runs there
         with start_up_objects_frozen():
+            if with_services_up is not None:
+                await with_services_up()
             services_started = local_service_cpu_seconds() if not embedded else {}
             started, cpu_started = time.time(), time.process_time()
             await fleet.run(make_link, relying_party=relying_party if settings.login else None,

@@ -49,5 +49,7 @@ def local_service_cpu_seconds(proc: Path = Path("/proc")) -> dict[str, float]:
 def local_service_cpu_since(before: dict[str, float]) -> dict[str, float]:
     """CPU seconds each service of ``before`` (a ``local_service_cpu_seconds()``) has used
     since; a service that stopped meanwhile is left out."""
+    if not before:  # nothing measured at the start (the embedded default): no /proc scan
+        return {}
     return {service: seconds - before[service]
             for service, seconds in local_service_cpu_seconds().items() if service in before}
