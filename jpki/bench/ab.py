@@ -83,11 +83,17 @@ def _run_bench(revision: Revision, scratch: Path, bench_args: list[str]) -> dict
     if done.returncode != 0:
         raise AbError(f"{revision.label} ({revision.rev}) bench failed: "
                       f"{done.stderr.strip()[-2000:]}")
-    figures = json.loads(done.stdout)
-    if figures["audit_findings"] != 0:
+    try:
+        figures = json.loads(done.stdout)
+        findings = figures["audit_findings"]
+        measured = {figure: float(figures[figure]) for figure in FIGURES}
+    except (ValueError, KeyError, TypeError) as exc:  # an older bench, other figures
+        raise AbError(f"{revision.label} ({revision.rev}): its bench's output is not the "
+                      f"figures this comparison reads ({type(exc).__name__}: {exc})") from exc
+    if findings != 0:
         raise AbError(f"{revision.label} ({revision.rev}): the audit found "
-                      f"{figures['audit_findings']} broken invariants")
-    return {figure: float(figures[figure]) for figure in FIGURES}
+                      f"{findings} broken invariants")
+    return measured
 
 
 def compare(runs: dict[str, list[dict[str, float]]]) -> dict[str, object]:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from jpki.bench.ab import AbError, Revision, _check_imports_from, compare
+from jpki.bench import ab
+from jpki.bench.ab import AbError, Revision, _check_imports_from, _run_bench, compare
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -62,7 +63,12 @@ def test_two_revisions_run_in_their_own_worktrees_and_leave_none_behind() -> Non
     assert report["base"]["commit"] == report["change"]["commit"] == head
     assert [len(report["runs"]["base"]), len(report["runs"]["change"])] == [1, 1]
     assert all(run["issuances_per_s"] > 0 for runs in report["runs"].values() for run in runs)
-    assert report["compared"]["issuances_per_s"]["pairs_change_won"] in ("0/1", "1/1")
+    [base], [change] = report["runs"]["base"], report["runs"]["change"]
+    rate = report["compared"]["issuances_per_s"]
+    assert rate["change_over_base"] == round(change["issuances_per_s"]
+                                             / base["issuances_per_s"], 3)
+    assert rate["pairs_change_won"] == (
+        "1/1" if change["issuances_per_s"] > base["issuances_per_s"] else "0/1")
     assert "pair 1/1 base" in done.stderr and "pair 1/1 change" in done.stderr
     assert _git("worktree", "list") == worktrees_before
 
@@ -75,3 +81,16 @@ def test_an_unknown_revision_is_a_clear_error() -> None:
     )
     assert done.returncode == 1
     assert "no-such-revision-here" in done.stderr
+
+
+@pytest.mark.parametrize("output, missing", [
+    ("not json", "JSONDecodeError"),
+    ('{"issuances_per_s": 1.0, "audit_findings": 0}', "process_cpu_ms_per_issuance"),
+])
+def test_a_bench_without_the_figures_is_a_clear_error(monkeypatch, tmp_path, output,
+                                                      missing) -> None:
+    monkeypatch.setattr(ab.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a, 0, stdout=output, stderr=""))
+    revision = Revision("base", "old", "0" * 40, tmp_path)
+    with pytest.raises(AbError, match=f"base \\(old\\): its bench's output .*{missing}"):
+        _run_bench(revision, tmp_path, [])
