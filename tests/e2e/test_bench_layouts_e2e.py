@@ -14,15 +14,14 @@ Either way every phone must be issued and the audit of the stores must find noth
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-pytestmark = [pytest.mark.e2e, pytest.mark.rabbitmq, pytest.mark.mqtt, pytest.mark.postgres]
+from tests.e2e.conftest import MANAGEMENT_URL
 
-MANAGEMENT_URL = os.environ.get("JPKI_TEST_RABBITMQ_MANAGEMENT_URL", "http://127.0.0.1:15672")
+pytestmark = [pytest.mark.e2e, pytest.mark.rabbitmq, pytest.mark.mqtt, pytest.mark.postgres]
 
 
 def test_two_replicas_share_the_work_and_leave_consistent_stores(
