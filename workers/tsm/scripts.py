@@ -140,9 +140,12 @@ def install_command(
 
 
 # Phase 2's steps on the SP-TSM domain: what is there ('6A88' when no applet is), and the
-# applet's DELETE (its keys go with it, GP §11.2; '6A88' when there is none).
+# applet's DELETE (its keys go with it, GP §11.2; '6A88' when there is none); the same
+# commands every time, so built once.
 _APPLET_STATUS = Step("GET STATUS", get_status_command(JPKI_INSTANCE_AID), (OK, SW_NOT_FOUND))
 _DELETE_APPLET = Step("DELETE", delete_command(JPKI_INSTANCE_AID), (OK, SW_NOT_FOUND))
+_INSTALL_APPLET = install_command(JPKI_ELF_AID, JPKI_MODULE_AID, JPKI_INSTANCE_AID)
+_NEW_APPLET_STATUS = Step("GET STATUS", get_status_command(JPKI_INSTANCE_AID))
 
 
 def plan_inspect() -> OperationPlan:
@@ -159,14 +162,7 @@ def plan_install() -> OperationPlan:
     return OperationPlan(
         "install",
         SP_SD_AID,
-        (
-            Step(
-                "INSTALL",
-                install_command(JPKI_ELF_AID, JPKI_MODULE_AID, JPKI_INSTANCE_AID),
-                (OK, SW_CONDITIONS),
-            ),
-            Step("GET STATUS", get_status_command(JPKI_INSTANCE_AID)),
-        ),
+        (Step("INSTALL", _INSTALL_APPLET, (OK, SW_CONDITIONS)), _NEW_APPLET_STATUS),
     )
 
 
@@ -177,12 +173,7 @@ def plan_prepare() -> OperationPlan:
     return OperationPlan(
         "prepare",
         SP_SD_AID,
-        (
-            _APPLET_STATUS,
-            _DELETE_APPLET,
-            Step("INSTALL", install_command(JPKI_ELF_AID, JPKI_MODULE_AID, JPKI_INSTANCE_AID)),
-            Step("GET STATUS", get_status_command(JPKI_INSTANCE_AID)),
-        ),
+        (_APPLET_STATUS, _DELETE_APPLET, Step("INSTALL", _INSTALL_APPLET), _NEW_APPLET_STATUS),
     )
 
 
