@@ -564,7 +564,8 @@ class SqlUnit:
 class SqlRegistry:
     """The registry in the TSM's own tables (migrations in ``workers/tsm/migrations``).
 
-    Every call runs in a unit (``SqlUnit``): the caller's, or one of its own."""
+    Each call here is a unit (``SqlUnit``) of its own; calls that must share a transaction
+    are made on one ``unit()``."""
 
     def __init__(self, db: Database) -> None:
         self.db = db

@@ -198,7 +198,7 @@ class TsmWorker:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL_S)
             try:
-                overdue = await self.engine.registry.overdue(time.time() - self._script_timeout)
+                overdue = await self._registry.overdue(time.time() - self._script_timeout)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the store or the broker is away: try next round
